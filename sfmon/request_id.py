@@ -1,0 +1,95 @@
+"""Request ids: keep a well-formed inbound id, otherwise mint a fresh one.
+
+The id (and the trace id and user id, when known) of the request being handled lives
+in context variables, so log filters and application code can read it without the
+WSGI environ. The middleware sets them when a request starts and resets them when it
+ends, errors included.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+import re
+
+__all__ = [
+    "REQUEST_ID_PATTERN",
+    "current_request_id",
+    "current_trace_id",
+    "current_user_id",
+    "get_request_id",
+    "is_valid_request_id",
+    "new_request_id",
+    "parse_traceparent",
+    "resolve_request_id",
+]
+
+# Inbound ids end up in JSON logs and response headers, so only short plain tokens pass.
+REQUEST_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+_VALID = re.compile(REQUEST_ID_PATTERN).fullmatch
+# W3C trace context: version-traceid-parentid-flags, lower-case hex.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})").fullmatch
+
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sfmon_request_id", default=None
+)
+current_trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sfmon_trace_id", default=None
+)
+current_user_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sfmon_user_id", default=None
+)
+
+# uuid4 layout: version nibble 4, variant bits 10.
+_V4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_V4_SET = (0x4 << 76) | (0x2 << 62)
+
+
+def get_request_id() -> str | None:
+    """Return the id of the request being handled, or ``None`` outside a request.
+
+    .. code-block:: python
+
+        log.info("charging card", extra={"request_id": sfmon.get_request_id()})
+    """
+    return current_request_id.get()
+
+
+def new_request_id() -> str:
+    """Return a fresh random id in ``uuid4().hex`` form (32 lower-case hex digits).
+
+    Uses the ``random`` module's generator, which Python reseeds in every forked child,
+    so gunicorn workers never mint the same ids; it is ~5x cheaper than ``uuid.uuid4()``.
+    """
+    return "%032x" % ((random.getrandbits(128) & _V4_CLEAR) | _V4_SET)
+
+
+def is_valid_request_id(value: str) -> bool:
+    """Return whether *value* may be kept as a request id (``REQUEST_ID_PATTERN``)."""
+    return _VALID(value) is not None
+
+
+def resolve_request_id(inbound: str | None) -> tuple[str, bool]:
+    """Return ``(id, rejected)``: *inbound* if it is well formed, else a new id.
+
+    ``rejected`` is true when an inbound value was present but refused; the refused
+    value is never echoed or logged.
+    """
+    if inbound is None or inbound == "":
+        return new_request_id(), False
+    if _VALID(inbound) is not None:
+        return inbound, False
+    return new_request_id(), True
+
+
+def parse_traceparent(value: str | None) -> str | None:
+    """Return the trace id of a valid W3C ``traceparent`` header, else ``None``."""
+    if not value:
+        return None
+    m = _TRACEPARENT(value.strip())
+    if m is None:
+        return None
+    version, trace_id, parent_id, _flags = m.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return trace_id
