@@ -1,0 +1,582 @@
+"""Read the store's files, merge them into one snapshot, and fold dead workers away.
+
+A scrape holds a shared ``flock`` on the store's lock file while it lists and reads
+the files; folding a dead worker into the archive holds it exclusively, so a scrape
+sees a worker's counts either in its own file or in the archive, never twice or not
+at all. Files that fail validation are skipped (and, once their owner is gone,
+renamed ``*.corrupt`` and counted), never fatal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .store import (
+    ARCHIVE_NAME,
+    BLOCK_KEY,
+    HEADER,
+    HEADER_SIZE,
+    KIND_BLOCK,
+    KIND_FAMILY,
+    KIND_FOLDED,
+    KIND_SERIES,
+    LOCK_NAME,
+    MAGIC,
+    NATIVE_BLOCK,
+    RECORD,
+    SUFFIX,
+    VALUE_SCALE,
+    VERSION,
+    WORKER_PREFIX,
+    process_create_time,
+)
+
+__all__ = ["FamilySnapshot", "Snapshot", "StoreReader", "fold_dead_workers"]
+
+LIVE_MODES = frozenset(("livesum", "livemax", "livemin", "livemostrecent"))
+# The archive remembers the last folded files, so a fold interrupted between writing
+# the archive and unlinking a file never counts that file twice.
+FOLDED_MEMORY = 256
+
+
+class CorruptFile(Exception):
+    """A store file that cannot be parsed."""
+
+
+@contextmanager
+def locked(directory: str, exclusive: bool) -> Iterator[None]:
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class ParsedFile:
+    """The record structure of one file; re-parsed only where it grew."""
+
+    __slots__ = ("blocks", "create_time", "created_ns", "families", "folded", "parsed",
+                 "pid", "series", "corrupt_count", "folded_count")
+
+    def __init__(self, pid: int, create_time: float, created_ns: int) -> None:
+        self.pid = pid
+        self.create_time = create_time
+        self.created_ns = created_ns
+        self.parsed = HEADER_SIZE
+        self.families: dict[str, dict[str, Any]] = {}
+        # (family name, label values, first slot)
+        self.series: list[tuple[str, tuple[str, ...], int]] = []
+        # (index into series, sign, first bucket index, first slot)
+        self.blocks: list[tuple[int, int, int, int]] = []
+        self.folded: list[str] = []
+        self.folded_count = 0
+        self.corrupt_count = 0
+
+
+def _header(buf: bytes) -> tuple[int, int, float, int, int, int]:
+    if len(buf) < HEADER_SIZE:
+        raise CorruptFile("shorter than the header")
+    magic, version, hsize, used, pid, ctime, created_ns, folded, corrupt = HEADER.unpack_from(buf)
+    if magic != MAGIC or version != VERSION or hsize != HEADER_SIZE:
+        raise CorruptFile("bad magic or version")
+    if used < HEADER_SIZE or used % 8:
+        raise CorruptFile("bad used size")
+    return used, pid, ctime, created_ns, folded, corrupt
+
+
+def parse_records(buf: bytes, used: int, pf: ParsedFile) -> None:
+    """Parse the records of *buf* from ``pf.parsed`` up to *used* into *pf*."""
+    pos = pf.parsed
+    series_at = {slot: i for i, (_, _, slot) in enumerate(pf.series)}
+    while pos < used:
+        if pos + RECORD.size > used:
+            raise CorruptFile(f"record header past the end at {pos}")
+        kind, nslots, keylen, _flags = RECORD.unpack_from(buf, pos)
+        key_start = pos + RECORD.size
+        slot_start = key_start + ((keylen + 7) & ~7)
+        end = slot_start + 8 * nslots
+        if end > used:
+            raise CorruptFile(f"record past the end at {pos}")
+        key = buf[key_start : key_start + keylen]
+        try:
+            if kind == KIND_FAMILY:
+                meta = json.loads(key)
+                pf.families[meta["name"]] = meta
+            elif kind == KIND_SERIES:
+                name, values = json.loads(key)
+                meta = pf.families[name]
+                if len(values) != len(meta["labels"]) or nslots != _nslots(meta):
+                    raise CorruptFile(f"series {name} does not match its family")
+                series_at[slot_start // 8] = len(pf.series)
+                pf.series.append((name, tuple(values), slot_start // 8))
+            elif kind == KIND_BLOCK:
+                sslot, sign, first = BLOCK_KEY.unpack(key)
+                if nslots != NATIVE_BLOCK or sign not in (1, -1):
+                    raise CorruptFile("bad native block")
+                pf.blocks.append((series_at[sslot], sign, first, slot_start // 8))
+            elif kind == KIND_FOLDED:
+                pf.folded = [str(x) for x in json.loads(key)]
+            else:
+                raise CorruptFile(f"unknown record kind {kind}")
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CorruptFile(f"bad record at {pos}: {exc!r}") from None
+        pos = end
+    pf.parsed = pos
+
+
+def _nslots(meta: dict[str, Any]) -> int:
+    kind = meta["type"]
+    if kind == "counter":
+        return 1
+    if kind == "gauge":
+        return 2
+    if kind == "histogram":
+        return 3 + len(meta["buckets"])
+    raise CorruptFile(f"unknown type {kind!r}")
+
+
+class FamilySnapshot:
+    """One merged family: its metadata and its series' merged values.
+
+    ``series`` maps label values to: a float (counter), ``(value, time)`` (gauge), or
+    a ``HistogramValue`` (histogram).
+    """
+
+    __slots__ = ("meta", "series")
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.series: dict[tuple[str, ...], Any] = {}
+
+
+class HistogramValue:
+    """Merged histogram series: sum, classic bucket counts, native buckets."""
+
+    __slots__ = ("bounds", "buckets", "native", "schema", "sum_q", "zero_count",
+                 "zero_threshold")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # finite bounds; buckets has one more entry (+Inf)
+        self.buckets = [0] * (len(bounds) + 1)
+        self.sum_q = 0
+        self.zero_count = 0
+        self.schema: int | None = None
+        self.zero_threshold = 0.0
+        self.native: dict[int, int] = {}  # signed key: index * sign, stored as (sign, idx)
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    @property
+    def sum(self) -> float:
+        return self.sum_q / VALUE_SCALE
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        out, acc = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.buckets):
+            acc += n
+            out.append((bound, acc))
+        return out
+
+
+class Snapshot:
+    """The store merged across files at one moment."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, FamilySnapshot] = {}
+        self.files_read = 0
+        self.files_skipped: list[str] = []
+        self.corrupt_total = 0
+        self.folded_total = 0
+        self.dead: list[str] = []
+
+
+def _alive(pid: int, create_time: float) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time == 0.0 or abs(proc.create_time() - create_time) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+    except Exception:
+        return True
+
+
+class StoreReader:
+    """Reads and merges a store directory; keeps parsed structure between scrapes."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._parsed: dict[str, ParsedFile] = {}
+
+    def _load(self, name: str) -> tuple[ParsedFile, memoryview]:
+        with open(os.path.join(self.directory, name), "rb") as f:
+            head = f.read(HEADER_SIZE)
+            used, pid, ctime, created_ns, folded, corrupt = _header(head)
+            rest = f.read(used - HEADER_SIZE)
+        buf = head + rest
+        if len(buf) != used:
+            raise CorruptFile("truncated")
+        pf = self._parsed.get(name)
+        if pf is None or pf.created_ns != created_ns or pf.pid != pid or pf.parsed > used:
+            pf = ParsedFile(pid, ctime, created_ns)
+        pf.folded_count, pf.corrupt_count = folded, corrupt
+        if pf.parsed < used:
+            try:
+                parse_records(buf, used, pf)
+            except CorruptFile:
+                self._parsed.pop(name, None)
+                raise
+        self._parsed[name] = pf
+        return pf, memoryview(buf)
+
+    def snapshot(self, *, live_check: bool = True) -> Snapshot:
+        """Merge every file: the archive first, then workers in name order."""
+        snap = Snapshot()
+        with locked(self.directory, exclusive=False):
+            names = sorted(
+                n for n in os.listdir(self.directory)
+                if n.endswith(SUFFIX) and (n == ARCHIVE_NAME or n.startswith(WORKER_PREFIX))
+            )
+            if ARCHIVE_NAME in names:
+                names.remove(ARCHIVE_NAME)
+                names.insert(0, ARCHIVE_NAME)
+            folded: set[str] = set()
+            seen = set()
+            for name in names:
+                if name in folded:
+                    continue  # already inside the archive (fold interrupted)
+                try:
+                    pf, buf = self._load(name)
+                except FileNotFoundError:
+                    continue
+                except (CorruptFile, OSError, ValueError) as exc:
+                    snap.files_skipped.append(name)
+                    _warn_once(name, exc)
+                    continue
+                seen.add(name)
+                snap.files_read += 1
+                is_archive = name == ARCHIVE_NAME
+                if is_archive:
+                    folded.update(pf.folded)
+                    snap.corrupt_total += pf.corrupt_count
+                    snap.folded_total += pf.folded_count
+                    live = False
+                else:
+                    live = not live_check or _alive(pf.pid, pf.create_time)
+                    if not live:
+                        snap.dead.append(name)
+                _merge_file(snap, pf, buf, include_live=live or is_archive)
+        for stale in set(self._parsed) - seen:
+            del self._parsed[stale]
+        return snap
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(name: str, exc: BaseException) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        print(f"sfmon: skipping unreadable store file {name}: {exc}", file=sys.stderr)
+
+
+def _merge_file(snap: Snapshot, pf: ParsedFile, buf: memoryview, *, include_live: bool) -> None:
+    q = buf.cast("q")
+    d = buf.cast("d")
+    families = snap.families
+    hist_of: dict[int, HistogramValue] = {}
+    for i, (name, values, slot) in enumerate(pf.series):
+        meta = pf.families[name]
+        fam = families.get(name)
+        if fam is None:
+            fam = families[name] = FamilySnapshot(meta)
+        kind = meta["type"]
+        series = fam.series
+        if kind == "counter":
+            series[values] = series.get(values, 0) + q[slot]
+        elif kind == "gauge":
+            mode = meta.get("mode", "livesum")
+            if mode in LIVE_MODES and not include_live:
+                continue
+            value, stamp = d[slot], d[slot + 1]
+            old = series.get(values)
+            if old is None:
+                series[values] = (value, stamp)
+            elif mode.endswith("sum"):
+                series[values] = (old[0] + value, max(old[1], stamp))
+            elif mode.endswith("max"):
+                series[values] = (max(old[0], value), max(old[1], stamp))
+            elif mode.endswith("min"):
+                series[values] = (min(old[0], value), max(old[1], stamp))
+            elif stamp >= old[1]:
+                series[values] = (value, stamp)
+        else:
+            bounds = tuple(meta["buckets"])
+            hv = series.get(values)
+            if hv is None:
+                hv = series[values] = HistogramValue(bounds)
+            hv.sum_q += q[slot]
+            counts = q[slot + 2 : slot + 3 + len(bounds)].tolist()
+            if hv.bounds == bounds:
+                hv.buckets = [a + b for a, b in zip(hv.buckets, counts)]
+            else:
+                _merge_other_bounds(hv, bounds, counts)
+            native = meta.get("native")
+            if native:
+                hv.zero_count += q[slot + 1]
+                hist_of[i] = hv
+                _note_schema(hv, native)
+    for series_i, sign, first, slot in pf.blocks:
+        hv = hist_of.get(series_i)
+        if hv is None:
+            continue
+        schema = pf.families[pf.series[series_i][0]]["native"]["schema"]
+        counts = q[slot : slot + NATIVE_BLOCK].tolist()
+        for j, n in enumerate(counts):
+            if n:
+                idx = first + j
+                if schema != hv.schema:
+                    from .native import reduce_index
+
+                    assert hv.schema is not None
+                    idx = reduce_index(idx, schema - hv.schema)
+                key = idx * 2 if sign > 0 else idx * 2 + 1
+                hv.native[key] = hv.native.get(key, 0) + n
+
+
+def _note_schema(hv: HistogramValue, native: dict[str, Any]) -> None:
+    schema = int(native["schema"])
+    if hv.schema is None:
+        hv.schema = schema
+        hv.zero_threshold = float(native["zero_threshold"])
+    elif schema < hv.schema:
+        from .native import reduce_index
+
+        steps = hv.schema - schema
+        merged: dict[int, int] = {}
+        for key, n in hv.native.items():
+            idx = reduce_index(key >> 1, steps)
+            k = idx * 2 + (key & 1)
+            merged[k] = merged.get(k, 0) + n
+        hv.native = merged
+        hv.schema = schema
+
+
+def _merge_other_bounds(hv: HistogramValue, bounds: tuple[float, ...], counts: list[int]) -> None:
+    # Bucket layouts differ (a deploy changed them): merge by bound, keep the union.
+    table: dict[float, int] = {}
+    for bound, n in zip((*hv.bounds, math.inf), hv.buckets):
+        table[bound] = table.get(bound, 0) + n
+    for bound, n in zip((*bounds, math.inf), counts):
+        table[bound] = table.get(bound, 0) + n
+    keys = sorted(table)
+    hv.bounds = tuple(k for k in keys if k != math.inf)
+    hv.buckets = [table[k] for k in keys]
+
+
+# -- folding dead workers into the archive ------------------------------------------
+
+
+def fold_dead_workers(directory: str, only: list[str] | None = None) -> int:
+    """Fold dead workers' files into the archive; return how many were folded.
+
+    *only* limits the candidates to these file names (gunicorn's ``child_exit`` knows
+    the pid); otherwise every worker file whose process is gone is folded. Unreadable
+    files of dead workers are renamed ``*.corrupt`` and counted.
+    """
+    with locked(directory, exclusive=True):
+        reader = StoreReader(directory)
+        names = sorted(
+            n for n in os.listdir(directory)
+            if n.startswith(WORKER_PREFIX) and n.endswith(SUFFIX)
+        )
+        if only is not None:
+            names = [n for n in names if n in only]
+        archive_pf: ParsedFile | None = None
+        archive_buf: memoryview | None = None
+        if os.path.exists(os.path.join(directory, ARCHIVE_NAME)):
+            try:
+                archive_pf, archive_buf = reader._load(ARCHIVE_NAME)
+            except (CorruptFile, OSError, ValueError) as exc:
+                _warn_once(ARCHIVE_NAME, exc)
+                os.replace(
+                    os.path.join(directory, ARCHIVE_NAME),
+                    os.path.join(directory, f"archive-{time.time_ns()}.corrupt"),
+                )
+        already = set(archive_pf.folded) if archive_pf else set()
+        dead: list[tuple[str, ParsedFile | None, memoryview | None]] = []
+        for name in names:
+            if name in already:
+                dead.append((name, None, None))
+                continue
+            try:
+                pf, buf = reader._load(name)
+            except FileNotFoundError:
+                continue
+            except (CorruptFile, OSError, ValueError):
+                pid = _pid_from_name(name)
+                if only is not None or pid is None or not _pid_exists(pid):
+                    dead.append((name, None, None))  # corrupt and ownerless
+                continue
+            if only is None and _alive(pf.pid, pf.create_time):
+                continue
+            dead.append((name, pf, buf))
+        if not dead:
+            return 0
+        snap = Snapshot()
+        corrupt = archive_pf.corrupt_count if archive_pf else 0
+        folded_count = archive_pf.folded_count if archive_pf else 0
+        if archive_pf is not None and archive_buf is not None:
+            _merge_file(snap, archive_pf, archive_buf, include_live=False)
+        fresh: list[str] = []
+        quarantined: list[str] = []
+        for name, pf, buf in dead:
+            if pf is None:
+                if name not in already:
+                    quarantined.append(name)
+                continue
+            _merge_file(snap, pf, buf, include_live=False)  # type: ignore[arg-type]
+            fresh.append(name)
+        folded_names = ([*(archive_pf.folded if archive_pf else []), *fresh])[-FOLDED_MEMORY:]
+        _write_archive(
+            directory, snap, folded_names, folded_count + len(fresh), corrupt + len(quarantined)
+        )
+        for name in quarantined:
+            try:
+                os.replace(os.path.join(directory, name),
+                           os.path.join(directory, name[: -len(SUFFIX)] + ".corrupt"))
+            except OSError:
+                pass
+        for name, pf, _ in dead:
+            if pf is not None or name in already:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
+        return len(fresh)
+
+
+def _pid_from_name(name: str) -> int | None:
+    try:
+        return int(name[len(WORKER_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_archive(
+    directory: str, snap: Snapshot, folded: list[str], folded_count: int, corrupt: int
+) -> None:
+    """Write *snap* as the new archive (temp file, then atomic rename)."""
+    out = bytearray(HEADER_SIZE)
+    HEADER.pack_into(out, 0, MAGIC, VERSION, HEADER_SIZE, 0, 0, 0.0, time.time_ns(),
+                     folded_count, corrupt)
+
+    def record(kind: int, key: bytes, slots: bytes = b"") -> int:
+        start = len(out)
+        out.extend(RECORD.pack(kind, len(slots) // 8, len(key), 0))
+        out.extend(key.ljust((len(key) + 7) & ~7, b"\0"))
+        slot = len(out) // 8
+        out.extend(slots)
+        del start
+        return slot
+
+    record(KIND_FOLDED, json.dumps(folded).encode())
+    for name in sorted(snap.families):
+        fam = snap.families[name]
+        meta = dict(fam.meta)
+        kind = meta["type"]
+        if kind == "histogram":
+            bounds = _union_bounds(fam)
+            meta["buckets"] = list(bounds)
+            schema = _common_schema(fam)
+            if schema is not None:
+                meta["native"] = {**meta.get("native", {}), "schema": schema}
+        if not fam.series:
+            continue
+        record(KIND_FAMILY, json.dumps(meta, sort_keys=True).encode())
+        for values in sorted(fam.series):
+            value = fam.series[values]
+            key = json.dumps([name, list(values)]).encode()
+            if kind == "counter":
+                record(KIND_SERIES, key, struct.pack("<q", value))
+            elif kind == "gauge":
+                record(KIND_SERIES, key, struct.pack("<dd", *value))
+            else:
+                hv: HistogramValue = value
+                if hv.bounds != bounds:
+                    _merge_other_bounds(hv, bounds, [0] * (len(bounds) + 1))
+                slots = struct.pack(f"<qq{len(hv.buckets)}q", hv.sum_q, hv.zero_count,
+                                    *hv.buckets)
+                sslot = record(KIND_SERIES, key, slots)
+                by_block: dict[tuple[int, int], list[int]] = {}
+                for k, n in hv.native.items():
+                    idx, sign = k >> 1, (-1 if k & 1 else 1)
+                    first = (idx // NATIVE_BLOCK) * NATIVE_BLOCK
+                    block = by_block.setdefault((sign, first), [0] * NATIVE_BLOCK)
+                    block[idx - first] += n
+                for (sign, first), counts in sorted(by_block.items()):
+                    record(KIND_BLOCK, BLOCK_KEY.pack(sslot, sign, first),
+                           struct.pack(f"<{NATIVE_BLOCK}q", *counts))
+    struct.pack_into("<Q", out, 16, len(out))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-archive-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(out)
+        os.replace(tmp, os.path.join(directory, ARCHIVE_NAME))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _common_schema(fam: FamilySnapshot) -> int | None:
+    # One family has one schema in the archive: reduce every series to the lowest.
+    schemas = [hv.schema for hv in fam.series.values() if hv.schema is not None]
+    if not schemas:
+        return None
+    low = min(schemas)
+    for hv in fam.series.values():
+        if hv.schema is not None and hv.schema != low:
+            _note_schema(hv, {"schema": low, "zero_threshold": hv.zero_threshold})
+    return low
+
+
+def _union_bounds(fam: FamilySnapshot) -> tuple[float, ...]:
+    bounds: set[float] = set()
+    for hv in fam.series.values():
+        bounds.update(hv.bounds)
+    return tuple(sorted(bounds)) or tuple(fam.meta["buckets"])

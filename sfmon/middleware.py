@@ -1,0 +1,403 @@
+"""The WSGI middleware: time each request, tag it with a request id, record it.
+
+The clock starts when :class:`Monitor` is called and stops when the server calls
+``close()`` on the response, so streamed bodies count in full. Each finished request
+updates the request metrics in the multiprocess store and becomes one
+:class:`~sfmon.record.RequestRecord` for the sinks (the JSON access log is one).
+Monitoring never changes a response: app exceptions are recorded and re-raised
+unchanged, and sfmon's own failures are counted and swallowed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import metrics, routes, store
+from .config import Settings
+from .record import RequestRecord
+from .request_id import (
+    current_request_id,
+    current_trace_id,
+    current_user_id,
+    parse_traceparent,
+    resolve_request_id,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["Monitor"]
+
+_SCALE = store.VALUE_SCALE
+_perf = time.perf_counter
+_NO_SLOTS = (-1, -1, -1)
+
+
+class Monitor:
+    """Wrap a WSGI app with request ids, request metrics, access logs and endpoints.
+
+    :param app: any WSGI callable (a Flask app, ``app.wsgi_app``, Django's
+        ``get_wsgi_application()``, ...).
+    :param options: see the README's option table; each can also come from an
+        ``SFMON_<OPTION>`` environment variable.
+    :raises TypeError: *app* is not callable, or an option is unknown or mistyped.
+    :raises ValueError: an option has a bad value.
+
+    .. code-block:: python
+
+        import sfmon
+        app.wsgi_app = sfmon.Monitor(app.wsgi_app)
+    """
+
+    def __init__(self, app: WSGIApplication, **options: Any) -> None:
+        if not callable(app):
+            raise TypeError(f"Monitor needs a WSGI callable, got {type(app).__name__}")
+        self.app = app
+        self.settings = s = Settings.build(options)
+        if s.multiproc_dir is not None:
+            store.configure_directory(str(s.multiproc_dir))
+        ns = s.namespace
+        self.requests = metrics.counter(
+            f"{ns}_requests_total",
+            "Total HTTP requests completed",
+            ["method", "path", "status"],
+            max_series=s.max_series,
+        )
+        self.errors = metrics.counter(
+            f"{ns}_errors_total",
+            "Total HTTP requests that ended with status >= 400",
+            ["method", "path", "status"],
+            max_series=s.max_series,
+        )
+        self.latency = metrics.histogram(
+            f"{ns}_request_latency_ms",
+            "Request duration in milliseconds, from the call to the close of the body",
+            ["method", "path"],
+            buckets=s.buckets,
+            native=s.native_histograms,
+            native_schema=s.native_schema,
+            native_max_buckets=s.native_max_buckets,
+            max_series=s.max_series,
+        )
+        self.in_progress = metrics.gauge(
+            f"{ns}_requests_in_progress",
+            "Requests being served right now, summed over live workers",
+            mode="livesum",
+        )
+        self.exceptions = metrics.counter(
+            f"{ns}_exceptions_total",
+            "Exceptions raised by the application, by type",
+            ["type"],
+            max_series=min(s.max_series, 100),
+        )
+        self._bounds = self.latency.bounds
+        self._indexer = self.latency.indexer
+        self._zero = self.latency.zero_threshold
+        self._header = s.request_id_header
+        self._header_lower = s.request_id_header.lower()
+        self._header_env = "HTTP_" + s.request_id_header.upper().replace("-", "_")
+        self._normaliser = s.route_normaliser or routes.normalise_path
+        self._cache: dict[tuple[str, str, int], tuple[int, int, int]] = {}
+        self._cache_limit = 4 * s.max_series
+        self._writer: store.Writer | None = None
+        self._inprog_slot = -1
+        self.sinks: list[Callable[[RequestRecord], Any]] = list(s.sinks)
+        if s.access_log:
+            from .logs import AccessLogSink
+
+            self.sinks.append(AccessLogSink())
+        from .endpoints import Endpoints
+
+        self.endpoints = Endpoints(self)
+        from .adapters import flask as flask_adapter
+
+        flask_adapter.install(app)
+
+    # -- the WSGI call ---------------------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if "sfmon.monitor" in environ:
+            # An outer Monitor already handles this request: never count it twice.
+            return self.app(environ, start_response)
+        started = _perf()
+        environ["sfmon.monitor"] = self
+        app = self.app
+        counted = True
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(self.endpoints.prefix):
+            handler = self.endpoints.lookup(path)
+            if handler is not None:
+                app = handler
+                counted = self.settings.count_builtin_endpoints
+        inbound = environ.get(self._header_env)
+        rid, rejected = resolve_request_id(inbound)
+        if rejected:
+            self._safe(metrics.request_ids_rejected.inc)
+        environ["sfmon.request_id"] = rid
+        trace_id = parse_traceparent(environ.get("HTTP_TRACEPARENT"))
+        call = _Call(self, environ, start_response, rid, trace_id, started, counted)
+        if counted:
+            call.writer = self._enter()
+        try:
+            body = app(environ, call.start_response)
+        except BaseException:
+            call.error = sys.exc_info()  # type: ignore[assignment]
+            call.finish()
+            raise
+        return _Body(call, body)
+
+    # -- recording -------------------------------------------------------------------
+
+    def _safe(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # metrics must never fail a request
+            metrics._report_store_failure(exc)
+
+    def _enter(self) -> store.Writer | None:
+        try:
+            w = store.get_writer()
+            if w is not self._writer:
+                self._cache = {}
+                self._inprog_slot = w.series_slot(self.in_progress, ())
+                self._writer = w
+            with w.lock:
+                w.d[self._inprog_slot] += 1.0
+            return w
+        except Exception as exc:
+            metrics._report_store_failure(exc)
+            return None
+
+    def _slots(self, w: store.Writer, key: tuple[str, str, int]) -> tuple[int, int, int]:
+        method, route, status = key
+        labels = (method, route, str(status))
+        req = w.series_slot(self.requests, labels)
+        err = w.series_slot(self.errors, labels) if status >= 400 else -1
+        hist = w.series_slot(self.latency, (method, route))
+        if len(self._cache) >= self._cache_limit:
+            self._cache = {}
+        entry = self._cache[key] = (req, err, hist)
+        return entry
+
+    def record(self, w: store.Writer | None, method: str, route: str, status: int,
+               latency_ms: float) -> None:
+        """Add one finished request to the store (hot path: one lock, a few adds)."""
+        if w is None or w is not self._writer:
+            return
+        key = (method, route, status)
+        slots = self._cache.get(key) or self._slots(w, key)
+        req, err, hist = slots
+        bucket = bisect_left(self._bounds, latency_ms)
+        block = -1
+        indexer = self._indexer
+        if indexer is not None and latency_ms > self._zero:
+            idx = indexer(latency_ms)
+            block = w.blocks.get((hist, 1, idx >> 4), -1)
+            if block < 0:
+                block = w.block_slot(hist, 1, idx >> 4)
+            block += idx & 15
+        with w.lock:
+            q = w.q
+            q[req] += _SCALE
+            if err >= 0:
+                q[err] += _SCALE
+            q[hist] += round(latency_ms * _SCALE)
+            q[hist + 2 + bucket] += 1
+            if block >= 0:
+                q[block] += 1
+            elif indexer is not None:
+                q[hist + 1] += 1
+            w.d[self._inprog_slot] -= 1.0
+
+
+class _Call:
+    """Per-request state shared by the wrapped ``start_response`` and the body."""
+
+    __slots__ = ("counted", "environ", "error", "exhausted", "iterating", "monitor", "nbytes",
+                 "request_id", "started", "status", "status_line", "token_rid", "token_tid",
+                 "token_uid", "trace_id", "ttfb", "writer", "_start_response", "finished")
+
+    def __init__(self, monitor: Monitor, environ: WSGIEnvironment, start_response: StartResponse,
+                 rid: str, trace_id: str | None, started: float, counted: bool) -> None:
+        self.monitor = monitor
+        self.environ = environ
+        self._start_response = start_response
+        self.request_id = rid
+        self.trace_id = trace_id
+        self.started = started
+        self.counted = counted
+        self.status = 0
+        self.status_line = ""
+        self.error: OptExcInfo | None = None
+        self.exhausted = False
+        self.iterating = False
+        self.nbytes = 0
+        self.ttfb: float | None = None
+        self.writer: store.Writer | None = None
+        self.finished = False
+        self.token_rid = current_request_id.set(rid)
+        self.token_tid = current_trace_id.set(trace_id)
+        self.token_uid = current_user_id.set(None)
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+        try:
+            self.status = int(status[:3])
+        except (TypeError, ValueError):
+            self.status = 500  # an invalid status line: the server will refuse it anyway
+        self.status_line = status
+        lower = self.monitor._header_lower
+        try:
+            # Exactly one X-Request-Id, ours; the app's list is never mutated.
+            headers = [h for h in headers if h[0].lower() != lower]
+            headers.append((self.monitor._header, self.request_id))
+        except Exception:
+            pass  # malformed headers go to the server untouched; it will report them
+        write = self._start_response(status, headers, exc_info)  # type: ignore[arg-type]
+        if self.ttfb is None:
+            return self._counting_write(write)
+        return write
+
+    def _counting_write(self, write: Callable[[bytes], object]) -> Callable[[bytes], object]:
+        def counted_write(data: bytes) -> object:
+            if data and self.ttfb is None:
+                self.ttfb = _perf()
+            try:
+                self.nbytes += len(data)
+            except TypeError:
+                pass
+            return write(data)
+
+        return counted_write
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        now = _perf()
+        monitor = self.monitor
+        environ = self.environ
+        status = self.status
+        exc_name = None
+        if self.error is not None:
+            status = 500
+            exc_name = self.error[0].__name__ if self.error[0] else None
+        elif self.iterating and not self.exhausted:
+            status = 499  # the server stopped reading the body: the client went away
+        elif status == 0:
+            status = 500  # the app returned without ever calling start_response
+        latency_ms = (now - self.started) * 1000.0
+        method = environ.get("REQUEST_METHOD", "")
+        try:
+            method_label = routes.method_label(method)
+            route = routes.route_label(
+                environ.get("sfmon.route"), environ.get("PATH_INFO", ""), status,
+                normaliser=monitor._normaliser,
+            )
+        except Exception:
+            method_label, route = routes.OTHER_METHOD, routes.UNMATCHED
+        try:
+            if self.counted:
+                monitor.record(self.writer, method_label, route, status, latency_ms)
+                if exc_name is not None:
+                    monitor.exceptions.labels(exc_name).inc()
+        except Exception as exc:
+            metrics._report_store_failure(exc)
+        try:
+            if self.counted and monitor.sinks:
+                self._to_sinks(method, method_label, route, status, latency_ms, exc_name)
+        finally:
+            _reset(current_request_id, self.token_rid)
+            _reset(current_trace_id, self.token_tid)
+            _reset(current_user_id, self.token_uid)
+            self.environ = {}  # drop references to the request
+
+    def _to_sinks(self, method: str, method_label: str, route: str, status: int,
+                  latency_ms: float, exc_name: str | None) -> None:
+        environ = self.environ
+        user = environ.get("sfmon.user_id") or environ.get("REMOTE_USER")
+        record = RequestRecord(
+            request_id=self.request_id,
+            trace_id=self.trace_id,
+            method=method,
+            method_label=method_label,
+            path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+            route=route,
+            status=status,
+            content_length=self.nbytes,
+            latency_ms=latency_ms,
+            ttfb_ms=None if self.ttfb is None else (self.ttfb - self.started) * 1000.0,
+            started_at=time.time() - latency_ms / 1000.0,
+            user_id=None if user is None else str(user),
+            client_addr=environ.get("REMOTE_ADDR"),
+            exception=exc_name,
+            exc_info=self.error,  # type: ignore[arg-type]
+        )
+        for sink in self.monitor.sinks:
+            try:
+                sink(record)
+            except Exception as exc:
+                _sink_failed(sink, exc)
+
+
+_failed_sinks: set[int] = set()
+
+
+def _sink_failed(sink: object, exc: BaseException) -> None:
+    if id(sink) not in _failed_sinks:
+        _failed_sinks.add(id(sink))
+        print(f"sfmon: sink {sink!r} failed: {exc!r}", file=sys.stderr)
+
+
+def _reset(var: Any, token: Any) -> None:
+    try:
+        var.reset(token)
+    except ValueError:
+        var.set(None)  # closed from another context (a different thread or task)
+
+
+class _Body:
+    """The response body, passed through unbuffered; ``close()`` ends the request."""
+
+    __slots__ = ("_body", "_call")
+
+    def __init__(self, call: _Call, body: Iterable[bytes]) -> None:
+        self._call = call
+        self._body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        call = self._call
+        call.iterating = True
+        try:
+            for chunk in self._body:
+                if chunk and call.ttfb is None:
+                    call.ttfb = _perf()
+                try:
+                    call.nbytes += len(chunk)
+                except TypeError:
+                    pass
+                yield chunk
+        except GeneratorExit:
+            raise
+        except BaseException:
+            call.error = sys.exc_info()  # type: ignore[assignment]
+            raise
+        call.exhausted = True
+
+    def close(self) -> None:
+        call = self._call
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        except BaseException:
+            if call.error is None:
+                call.error = sys.exc_info()  # type: ignore[assignment]
+            raise
+        finally:
+            call.finish()
