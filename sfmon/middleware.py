@@ -22,7 +22,7 @@ from .record import RequestRecord
 from .request_id import (
     current_request_id,
     current_trace_id,
-    current_user_id,
+    new_request_id,
     parse_traceparent,
     resolve_request_id,
 )
@@ -114,6 +114,7 @@ class Monitor:
         from .endpoints import Endpoints
 
         self.endpoints = Endpoints(self)
+        self._prefix = self.endpoints.prefix
         from .adapters import flask as flask_adapter
 
         flask_adapter.install(app)
@@ -128,28 +129,34 @@ class Monitor:
         environ["sfmon.monitor"] = self
         app = self.app
         counted = True
-        path = environ.get("PATH_INFO", "")
-        if path.startswith(self.endpoints.prefix):
-            handler = self.endpoints.lookup(path)
+        if environ.get("PATH_INFO", "").startswith(self._prefix):
+            handler = self.endpoints.lookup(environ["PATH_INFO"])
             if handler is not None:
                 app = handler
                 counted = self.settings.count_builtin_endpoints
         inbound = environ.get(self._header_env)
-        rid, rejected = resolve_request_id(inbound)
-        if rejected:
-            self._safe(metrics.request_ids_rejected.inc)
+        if inbound is None:
+            rid = new_request_id()
+        else:
+            rid, rejected = resolve_request_id(inbound)
+            if rejected:
+                self._safe(metrics.request_ids_rejected.inc)
         environ["sfmon.request_id"] = rid
-        trace_id = parse_traceparent(environ.get("HTTP_TRACEPARENT"))
-        call = _Call(self, environ, start_response, rid, trace_id, started, counted)
+        call = _Response(self, environ, start_response, rid, started, counted)
+        tp = environ.get("HTTP_TRACEPARENT")
+        if tp is not None:
+            call.trace_id = parse_traceparent(tp)
+            if call.trace_id is not None:
+                call.token_tid = current_trace_id.set(call.trace_id)
         if counted:
-            call.writer = self._enter()
+            self._enter(call, environ)
         try:
-            body = app(environ, call.start_response)
+            call.body = app(environ, call.start_response)
         except BaseException:
             call.error = sys.exc_info()  # type: ignore[assignment]
             call.finish()
             raise
-        return _Body(call, body)
+        return call
 
     # -- recording -------------------------------------------------------------------
 
@@ -159,19 +166,24 @@ class Monitor:
         except Exception as exc:  # metrics must never fail a request
             metrics._report_store_failure(exc)
 
-    def _enter(self) -> store.Writer | None:
+    def _enter(self, call: _Response, environ: WSGIEnvironment) -> None:
         try:
             w = store.get_writer()
             if w is not self._writer:
                 self._cache = {}
                 self._inprog_slot = w.series_slot(self.in_progress, ())
                 self._writer = w
-            with w.lock:
+            # PEP 3333: without wsgi.multithread no other thread of this process serves
+            # requests, so the request slots need no lock.
+            if environ.get("wsgi.multithread", True):
+                call.lock = w.lock
+                with w.lock:
+                    w.d[self._inprog_slot] += 1.0
+            else:
                 w.d[self._inprog_slot] += 1.0
-            return w
+            call.writer = w
         except Exception as exc:
             metrics._report_store_failure(exc)
-            return None
 
     def _slots(self, w: store.Writer, key: tuple[str, str, int]) -> tuple[int, int, int]:
         method, route, status = key
@@ -184,9 +196,10 @@ class Monitor:
         entry = self._cache[key] = (req, err, hist)
         return entry
 
-    def record(self, w: store.Writer | None, method: str, route: str, status: int,
+    def record(self, call: _Response, method: str, route: str, status: int,
                latency_ms: float) -> None:
-        """Add one finished request to the store (hot path: one lock, a few adds)."""
+        """Add one finished request to the store (hot path: a few slot adds)."""
+        w = call.writer
         if w is None or w is not self._writer:
             return
         key = (method, route, status)
@@ -201,7 +214,10 @@ class Monitor:
             if block < 0:
                 block = w.block_slot(hist, 1, idx >> 4)
             block += idx & 15
-        with w.lock:
+        lock = call.lock
+        if lock is not None:
+            lock.acquire()
+        try:
             q = w.q
             q[req] += _SCALE
             if err >= 0:
@@ -213,36 +229,46 @@ class Monitor:
             elif indexer is not None:
                 q[hist + 1] += 1
             w.d[self._inprog_slot] -= 1.0
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-class _Call:
-    """Per-request state shared by the wrapped ``start_response`` and the body."""
+_STANDARD_METHODS = routes.STANDARD_METHODS
 
-    __slots__ = ("counted", "environ", "error", "exhausted", "iterating", "monitor", "nbytes",
-                 "request_id", "started", "status", "status_line", "token_rid", "token_tid",
-                 "token_uid", "trace_id", "ttfb", "writer", "_start_response", "finished")
+
+class _Response:
+    """One request in flight: wraps ``start_response`` and the body; ``close()`` ends it.
+
+    The body is passed through unbuffered; a list body is handed to the server as is.
+    """
+
+    __slots__ = ("body", "error", "exhausted", "finished", "iterating", "lock", "monitor",
+                 "environ", "nbytes", "request_id", "started", "status", "token_rid",
+                 "token_tid", "trace_id", "ttfb", "writer", "counted", "_start_response",
+                 "_write")
 
     def __init__(self, monitor: Monitor, environ: WSGIEnvironment, start_response: StartResponse,
-                 rid: str, trace_id: str | None, started: float, counted: bool) -> None:
+                 rid: str, started: float, counted: bool) -> None:
         self.monitor = monitor
         self.environ = environ
         self._start_response = start_response
         self.request_id = rid
-        self.trace_id = trace_id
         self.started = started
         self.counted = counted
         self.status = 0
-        self.status_line = ""
         self.error: OptExcInfo | None = None
         self.exhausted = False
         self.iterating = False
+        self.finished = False
         self.nbytes = 0
         self.ttfb: float | None = None
         self.writer: store.Writer | None = None
-        self.finished = False
+        self.lock: Any = None
+        self.trace_id: str | None = None
+        self.token_tid: Any = None
+        self.body: Iterable[bytes] = ()
         self.token_rid = current_request_id.set(rid)
-        self.token_tid = current_trace_id.set(trace_id)
-        self.token_uid = current_user_id.set(None)
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
@@ -250,36 +276,78 @@ class _Call:
             self.status = int(status[:3])
         except (TypeError, ValueError):
             self.status = 500  # an invalid status line: the server will refuse it anyway
-        self.status_line = status
-        lower = self.monitor._header_lower
+        monitor = self.monitor
+        lower = monitor._header_lower
+        size = len(lower)
         try:
-            # Exactly one X-Request-Id, ours; the app's list is never mutated.
-            headers = [h for h in headers if h[0].lower() != lower]
-            headers.append((self.monitor._header, self.request_id))
+            # Exactly one X-Request-Id, ours; the app's list is never mutated. Comparing
+            # lengths first keeps the common case (no such header) cheap.
+            for name, _ in headers:
+                if len(name) == size and name.lower() == lower:
+                    headers = [h for h in headers if h[0].lower() != lower]
+                    break
+            headers = [*headers, (monitor._header, self.request_id)]
         except Exception:
             pass  # malformed headers go to the server untouched; it will report them
-        write = self._start_response(status, headers, exc_info)  # type: ignore[arg-type]
-        if self.ttfb is None:
-            return self._counting_write(write)
-        return write
+        self._write = self._start_response(status, headers, exc_info)  # type: ignore[arg-type]
+        return self.write
 
-    def _counting_write(self, write: Callable[[bytes], object]) -> Callable[[bytes], object]:
-        def counted_write(data: bytes) -> object:
-            if data and self.ttfb is None:
-                self.ttfb = _perf()
+    def write(self, data: bytes) -> object:
+        """The legacy ``write()`` callable, counted like body chunks."""
+        if data and self.ttfb is None:
+            self.ttfb = _perf()
+        try:
+            self.nbytes += len(data)
+        except TypeError:
+            pass
+        return self._write(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        body = self.body
+        if type(body) is list:
             try:
-                self.nbytes += len(data)
+                self.nbytes += sum(map(len, body))
             except TypeError:
                 pass
-            return write(data)
+            self.exhausted = True
+            return iter(body)
+        return self._stream(body)
 
-        return counted_write
+    def _stream(self, body: Iterable[bytes]) -> Iterator[bytes]:
+        self.iterating = True
+        try:
+            for chunk in body:
+                if chunk and self.ttfb is None:
+                    self.ttfb = _perf()
+                try:
+                    self.nbytes += len(chunk)
+                except TypeError:
+                    pass
+                yield chunk
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self.error = sys.exc_info()  # type: ignore[assignment]
+            raise
+        self.exhausted = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        except BaseException:
+            if self.error is None:
+                self.error = sys.exc_info()  # type: ignore[assignment]
+            raise
+        finally:
+            self.finish()
 
     def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
-        now = _perf()
+        latency_ms = (_perf() - self.started) * 1000.0
         monitor = self.monitor
         environ = self.environ
         status = self.status
@@ -291,19 +359,19 @@ class _Call:
             status = 499  # the server stopped reading the body: the client went away
         elif status == 0:
             status = 500  # the app returned without ever calling start_response
-        latency_ms = (now - self.started) * 1000.0
         method = environ.get("REQUEST_METHOD", "")
         try:
-            method_label = routes.method_label(method)
-            route = routes.route_label(
-                environ.get("sfmon.route"), environ.get("PATH_INFO", ""), status,
-                normaliser=monitor._normaliser,
-            )
+            method_label = method if method in _STANDARD_METHODS else routes.OTHER_METHOD
+            route = environ.get("sfmon.route")
+            if type(route) is not str or not route or len(route) > 200:
+                route = routes.route_label(
+                    route, environ.get("PATH_INFO", ""), status, normaliser=monitor._normaliser
+                )
         except Exception:
             method_label, route = routes.OTHER_METHOD, routes.UNMATCHED
         try:
             if self.counted:
-                monitor.record(self.writer, method_label, route, status, latency_ms)
+                monitor.record(self, method_label, route, status, latency_ms)
                 if exc_name is not None:
                     monitor.exceptions.labels(exc_name).inc()
         except Exception as exc:
@@ -313,8 +381,8 @@ class _Call:
                 self._to_sinks(method, method_label, route, status, latency_ms, exc_name)
         finally:
             _reset(current_request_id, self.token_rid)
-            _reset(current_trace_id, self.token_tid)
-            _reset(current_user_id, self.token_uid)
+            if self.token_tid is not None:
+                _reset(current_trace_id, self.token_tid)
             self.environ = {}  # drop references to the request
 
     def _to_sinks(self, method: str, method_label: str, route: str, status: int,
@@ -359,45 +427,3 @@ def _reset(var: Any, token: Any) -> None:
         var.reset(token)
     except ValueError:
         var.set(None)  # closed from another context (a different thread or task)
-
-
-class _Body:
-    """The response body, passed through unbuffered; ``close()`` ends the request."""
-
-    __slots__ = ("_body", "_call")
-
-    def __init__(self, call: _Call, body: Iterable[bytes]) -> None:
-        self._call = call
-        self._body = body
-
-    def __iter__(self) -> Iterator[bytes]:
-        call = self._call
-        call.iterating = True
-        try:
-            for chunk in self._body:
-                if chunk and call.ttfb is None:
-                    call.ttfb = _perf()
-                try:
-                    call.nbytes += len(chunk)
-                except TypeError:
-                    pass
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException:
-            call.error = sys.exc_info()  # type: ignore[assignment]
-            raise
-        call.exhausted = True
-
-    def close(self) -> None:
-        call = self._call
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        except BaseException:
-            if call.error is None:
-                call.error = sys.exc_info()  # type: ignore[assignment]
-            raise
-        finally:
-            call.finish()

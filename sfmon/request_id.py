@@ -9,7 +9,8 @@ ends, errors included.
 from __future__ import annotations
 
 import contextvars
-import random
+import itertools
+import os
 import re
 
 __all__ = [
@@ -40,9 +41,22 @@ current_user_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sfmon_user_id", default=None
 )
 
-# uuid4 layout: version nibble 4, variant bits 10.
-_V4_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_V4_SET = (0x4 << 76) | (0x2 << 62)
+
+def _new_generator() -> tuple[str, itertools.count[int]]:
+    # 64 random bits per process + a counter: unique within the process by the
+    # counter, across processes (and forked workers) by the random half.
+    return os.urandom(8).hex(), itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+_prefix, _counter = _new_generator()
+
+
+def _after_fork() -> None:
+    global _prefix, _counter
+    _prefix, _counter = _new_generator()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def get_request_id() -> str | None:
@@ -56,12 +70,13 @@ def get_request_id() -> str | None:
 
 
 def new_request_id() -> str:
-    """Return a fresh random id in ``uuid4().hex`` form (32 lower-case hex digits).
+    """Return a fresh id: 32 lower-case hex digits, like ``uuid4().hex``.
 
-    Uses the ``random`` module's generator, which Python reseeds in every forked child,
-    so gunicorn workers never mint the same ids; it is ~5x cheaper than ``uuid.uuid4()``.
+    Half random per process (renewed in every forked worker), half a counter, so ids
+    never repeat within a process and collide across processes only with 2**-64
+    odds; about 5x cheaper than ``uuid.uuid4().hex``.
     """
-    return "%032x" % ((random.getrandbits(128) & _V4_CLEAR) | _V4_SET)
+    return _prefix + "%016x" % (next(_counter) & 0xFFFFFFFFFFFFFFFF)
 
 
 def is_valid_request_id(value: str) -> bool:

@@ -1,0 +1,39 @@
+"""A plain WSGI app for the gunicorn tests (imports fast, so recycling is cheap).
+
+Not wrapped: gunicorn.conf.py's post_worker_init wraps it (zero-code mode).
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs
+
+
+def app(environ, start_response):  # type: ignore[no-untyped-def]
+    path = environ.get("PATH_INFO", "")
+    qs = parse_qs(environ.get("QUERY_STRING", ""))
+    ms = float(qs.get("ms", ["0"])[0])
+    if path == "/ok":
+        environ["sfmon.route"] = "/ok"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok\n"]
+    if path == "/slow":
+        environ["sfmon.route"] = "/slow"
+        time.sleep(ms / 1000)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"slow\n"]
+    if path == "/stream":
+        environ["sfmon.route"] = "/stream"
+
+        def body():  # type: ignore[no-untyped-def]
+            for i in range(6):
+                time.sleep(ms / 6000)
+                yield b"chunk %d\n" % i
+
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return body()
+    if path == "/boom":
+        environ["sfmon.route"] = "/boom"
+        raise RuntimeError("boom")
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not found\n"]
