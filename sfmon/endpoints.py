@@ -73,9 +73,9 @@ class Endpoints:
         self._collector: StoreCollector | None = None
         self._registry: Any = None
         self.started_at = time.time()
-        self.handlers: dict[str, Handler] = {
-            self.prefix + "prometheus": _get_only(self.prometheus),
-        }
+        self.extra_collectors: list[Callable[[], Iterable[Metric]]] = [self.service_metrics]
+        self.handlers: dict[str, Handler] = {}
+        self.add("prometheus", self.prometheus, protected=True)
         from .health import install as install_health
 
         install_health(self)
@@ -100,9 +100,8 @@ class Endpoints:
     def collector(self) -> StoreCollector:
         """The store collector of this process (created on first use)."""
         if self._collector is None:
-            self._collector = StoreCollector(store.store_directory(), [self.service_metrics])
+            self._collector = StoreCollector(store.store_directory(), self.extra_collectors)
             self._registry = build_registry(self._collector)
-            self.extra: list[Callable[[], Iterable[Metric]]] = self._collector.extra
         return self._collector
 
     def prometheus(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:

@@ -80,9 +80,11 @@ def when_ready(server: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     """Zero-code mode: wrap the worker's loaded app in a Monitor unless it has one."""
     worker.wsgi = wrap_app(worker.wsgi)
-    from . import readiness
+    from . import readiness, system
 
-    readiness.install_drain_handler(store.store_directory())
+    directory = store.store_directory()
+    readiness.install_drain_handler(directory)
+    system.claim_slot(directory)
 
 
 def wrap_app(app: Any) -> Any:

@@ -201,6 +201,9 @@ class Snapshot:
         self.corrupt_total = 0
         self.folded_total = 0
         self.dead: list[str] = []
+        # live worker files: (pid, {family: total over its series}) — counters in
+        # values (not 1/65536 units), gauges summed
+        self.workers: list[tuple[int, dict[str, float]]] = []
 
 
 def _alive(pid: int, create_time: float) -> bool:
@@ -287,10 +290,25 @@ class StoreReader:
                     live = not live_check or _alive(pf.pid, pf.create_time)
                     if not live:
                         snap.dead.append(name)
+                    else:
+                        snap.workers.append((pf.pid, _totals(pf, buf)))
                 _merge_file(snap, pf, buf, include_live=live or is_archive)
         for stale in set(self._parsed) - seen:
             del self._parsed[stale]
         return snap
+
+
+def _totals(pf: ParsedFile, buf: memoryview) -> dict[str, float]:
+    q = buf.cast("q")
+    d = buf.cast("d")
+    out: dict[str, float] = {}
+    for name, _values, slot in pf.series:
+        kind = pf.families[name]["type"]
+        if kind == "counter":
+            out[name] = out.get(name, 0.0) + q[slot] / VALUE_SCALE
+        elif kind == "gauge":
+            out[name] = out.get(name, 0.0) + d[slot]
+    return out
 
 
 _warned: set[str] = set()

@@ -106,6 +106,7 @@ class Monitor:
         self._cache_limit = 4 * s.max_series
         self._writer: store.Writer | None = None
         self._inprog_slot = -1
+        self._recent: Any = None
         self.sinks: list[Callable[[RequestRecord], Any]] = list(s.sinks)
         if s.access_log:
             from .logs import AccessLogSink
@@ -184,6 +185,18 @@ class Monitor:
             call.writer = w
         except Exception as exc:
             metrics._report_store_failure(exc)
+
+    def note_error(self, request_id: str, method: str, route: str, status: int,
+                   exc_name: str | None) -> None:
+        """Count the exception type and add the request to the shared recent-errors list."""
+        if exc_name is not None:
+            self.exceptions.labels(exc_name).inc()
+        if self._recent is None:
+            from .recent_errors import RecentErrors
+
+            self._recent = RecentErrors(store.store_directory())
+        self._recent.add(request_id=request_id, method=method, route=route, status=status,
+                         exception=exc_name)
 
     def _slots(self, w: store.Writer, key: tuple[str, str, int]) -> tuple[int, int, int]:
         method, route, status = key
@@ -372,8 +385,8 @@ class _Response:
         try:
             if self.counted:
                 monitor.record(self, method_label, route, status, latency_ms)
-                if exc_name is not None:
-                    monitor.exceptions.labels(exc_name).inc()
+                if status >= 400:
+                    monitor.note_error(self.request_id, method_label, route, status, exc_name)
         except Exception as exc:
             metrics._report_store_failure(exc)
         try:
