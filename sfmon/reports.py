@@ -239,6 +239,7 @@ class Reports:
             "by_status": dict(sorted(by_status.items())),
             "by_endpoint": dict(sorted(by_endpoint.items(), key=lambda kv: -kv[1])),
             "recent": recent,
+            "answered_by": os.getpid(),
         }
         return json_response(start_response, "200 OK", body, environ)
 

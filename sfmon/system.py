@@ -27,15 +27,15 @@ SAMPLE_FILE = "cpu-sample.json"
 MIN_INTERVAL = 0.25
 MAX_AGE = 60.0
 FRESH_INTERVAL = 0.2
-_slot: tuple[int, int, int] | None = None  # (pid, slot, fd)
+_slots: dict[tuple[int, str], int] = {}  # (pid, directory) -> slot
 
 
 def claim_slot(directory: str) -> int:
     """Return this process's worker slot (0, 1, ...), claiming one on first call."""
-    global _slot
     pid = os.getpid()
-    if _slot is not None and _slot[0] == pid:
-        return _slot[1]
+    known = _slots.get((pid, directory))
+    if known is not None:
+        return known
     n = 0
     while True:
         fd = os.open(os.path.join(directory, f"slot-{n}"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -47,7 +47,7 @@ def claim_slot(directory: str) -> int:
             continue
         os.ftruncate(fd, 0)
         os.write(fd, str(pid).encode())
-        _slot = (pid, n, fd)  # the fd stays open: the lock lives as long as we do
+        _slots[(pid, directory)] = n  # the fd stays open: the lock lives as long as we do
         return n
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, Proc, free_port, gunicorn_bin, http_get, need_binary, wait_http
+from support import ROOT, Proc, free_port, gunicorn_bin, http_get, need_binary, wait_http
 
 pytestmark = pytest.mark.integration
 
