@@ -77,8 +77,9 @@ def bench_inprocess(n: int, repeats: int) -> None:
     variants = {
         "bare WSGI app": bare,
         "prometheus_client mp floor": prometheus_client_floor(os.path.join(tmp, "pc")),
-        "sfmon metrics only": sfmon.Monitor(bare, namespace="b1", access_log=False,
-                                            native_histograms=False),
+        "sfmon metrics only": sfmon.Monitor(
+            bare, namespace="b1", access_log=False, native_histograms=False
+        ),
         "sfmon metrics + native": sfmon.Monitor(bare, namespace="b2", access_log=False),
     }
     os.makedirs(os.path.join(tmp, "pc"), exist_ok=True)
@@ -102,9 +103,11 @@ def make_dead_workers(directory: str, dead: int, series: int) -> None:
     from sfmon import metrics, store
 
     c = metrics.FAMILIES.get("bench_requests_total") or metrics.counter(
-        "bench_requests_total", "r", ["method", "path", "status"], max_series=10**6)
+        "bench_requests_total", "r", ["method", "path", "status"], max_series=10**6
+    )
     h = metrics.FAMILIES.get("bench_latency_ms") or metrics.histogram(
-        "bench_latency_ms", "l", ["method", "path"], native=True, max_series=10**6)
+        "bench_latency_ms", "l", ["method", "path"], native=True, max_series=10**6
+    )
     for _ in range(dead):
         pid = os.fork()
         if pid == 0:
@@ -126,7 +129,9 @@ def bench_scrape(sizes: list[tuple[int, int]], repeats: int) -> None:
     from sfmon.merge import fold_dead_workers
 
     print("\nScrape (text exposition) vs dead workers, ms (median):")
-    print(f"  {'dead':>5} {'series':>7} {'unfolded':>10} {'folded':>8} {'no dead':>8} {'files':>6}")
+    print(
+        f"  {'dead':>5} {'series':>7} {'unfolded':>10} {'folded':>8} {'no dead':>8} {'files':>6}"
+    )
     for dead, series in sizes:
         tmp = tempfile.mkdtemp(prefix="sfmon-bench-scrape-")
         store.reset_for_tests(tmp)

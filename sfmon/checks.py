@@ -39,9 +39,7 @@ def sqlite_check(path: str, *, timeout: float = 2.0) -> Callable[[], bool]:
     return check
 
 
-def dbapi_check(
-    connect: Callable[[], Any], *, query: str = "SELECT 1"
-) -> Callable[[], bool]:
+def dbapi_check(connect: Callable[[], Any], *, query: str = "SELECT 1") -> Callable[[], bool]:
     """A check for any DB-API 2.0 driver: connect, run *query*, close.
 
     .. code-block:: python

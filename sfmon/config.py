@@ -103,7 +103,9 @@ class Settings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def build(cls, options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
+    def build(
+        cls, options: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+    ) -> Settings:
         """Merge *options* over ``SFMON_*`` variables over defaults, then validate."""
         known = {f.name: f for f in fields(cls)}
         for name in options:
@@ -128,22 +130,30 @@ class Settings:
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"option {name} must be a str")
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", self.namespace):
-            raise ValueError(f"option namespace must be a metric name prefix, not {self.namespace!r}")
+            raise ValueError(
+                f"option namespace must be a metric name prefix, not {self.namespace!r}"
+            )
         if not self.prefix.startswith("/") or self.prefix.endswith("/") or " " in self.prefix:
             raise ValueError(f"option prefix must look like '/api/metrics', not {self.prefix!r}")
         if not re.fullmatch(r"[A-Za-z0-9-]+", self.request_id_header):
-            raise ValueError(f"option request_id_header is not a header name: {self.request_id_header!r}")
+            raise ValueError(
+                f"option request_id_header is not a header name: {self.request_id_header!r}"
+            )
         for name in ("native_histograms", "count_builtin_endpoints", "access_log"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"option {name} must be a bool")
-        for name, low, high in (("native_schema", -4, 8), ("native_max_buckets", 1, 10**6),
-                                ("max_series", 1, 10**7)):
+        for name, low, high in (
+            ("native_schema", -4, 8),
+            ("native_max_buckets", 1, 10**6),
+            ("max_series", 1, 10**7),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"option {name} must be an int")
             if not low <= value <= high:
                 raise ValueError(f"option {name} must be in {low}..{high}, not {value}")
-        if isinstance(self.buckets, (str, bytes)) or not hasattr(self.buckets, "__iter__"):
+        buckets: object = self.buckets
+        if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
             raise TypeError("option buckets must be a sequence of numbers")
         from .metrics import validate_buckets
 
@@ -154,7 +164,9 @@ class Settings:
                 raise TypeError(f"option {name} must be a number")
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"option {name} must be > 0, not {value}")
-        if self.multiproc_dir is not None and not isinstance(self.multiproc_dir, (str, os.PathLike)):
+        if self.multiproc_dir is not None and not isinstance(
+            self.multiproc_dir, (str, os.PathLike)
+        ):
             raise TypeError("option multiproc_dir must be a path")
         if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
             raise TypeError("option log_dir must be a path")
@@ -184,7 +196,9 @@ class Settings:
                 try:
                     ipaddress.ip_network(item, strict=False)
                 except ValueError:
-                    raise ValueError(f"option {name}: {item!r} is not an address or network") from None
+                    raise ValueError(
+                        f"option {name}: {item!r} is not an address or network"
+                    ) from None
             object.__setattr__(self, name, tuple(value))
 
     def config_hash(self) -> str:

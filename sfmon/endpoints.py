@@ -19,7 +19,7 @@ from . import __version__, store
 from .exposition import StoreCollector, build_registry, render
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from .middleware import Monitor
 
@@ -133,7 +133,9 @@ class Endpoints:
             "Build information (always 1)",
             labels=["version", "python_version", "sfmon_version"],
         )
-        info.add_metric([s.service_version or "unknown", platform.python_version(), __version__], 1)
+        info.add_metric(
+            [s.service_version or "unknown", platform.python_version(), __version__], 1
+        )
         yield info
         config = GaugeMetricFamily(
             f"{ns}_config_info", "Hash of the monitor's configuration (always 1)", labels=["hash"]
@@ -141,6 +143,7 @@ class Endpoints:
         config.add_metric([s.config_hash()], 1)
         yield config
         yield GaugeMetricFamily(
-            "sfmon_scrape_worker_pid", "PID of the worker that answered this scrape",
+            "sfmon_scrape_worker_pid",
+            "PID of the worker that answered this scrape",
             value=os.getpid(),
         )

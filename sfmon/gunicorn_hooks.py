@@ -114,7 +114,7 @@ def child_exit(server: Any, worker: Any) -> None:
         try:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(worker.pid, path)
+            multiprocess.mark_process_dead(worker.pid, path)  # type: ignore[no-untyped-call]
         except Exception:
             pass
 

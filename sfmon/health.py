@@ -86,8 +86,9 @@ class CheckRunner:
         ok, results = runner.run()
     """
 
-    def __init__(self, checks: Mapping[str, Callable[[], object]], *, timeout: float,
-                 ttl: float) -> None:
+    def __init__(
+        self, checks: Mapping[str, Callable[[], object]], *, timeout: float, ttl: float
+    ) -> None:
         self.checks = {name: _Check(name, fn) for name, fn in checks.items()}
         self.timeout = timeout
         self.ttl = ttl
@@ -140,8 +141,9 @@ class Health:
         self.endpoints = endpoints
         settings = endpoints.monitor.settings
         self.settings = settings
-        self.runner = CheckRunner(settings.checks, timeout=settings.check_timeout,
-                                  ttl=settings.check_ttl)
+        self.runner = CheckRunner(
+            settings.checks, timeout=settings.check_timeout, ttl=settings.check_ttl
+        )
 
     def uptime(self) -> float:
         return max(0.0, time.time() - self.endpoints.service_start_time())
@@ -157,12 +159,13 @@ class Health:
             "api": "ok",
             "checks": {name: r.as_dict() for name, r in results.items()},
         }
-        return json_response(start_response, "200 OK" if ok else "503 Service Unavailable",
-                             body, environ)
+        return json_response(
+            start_response, "200 OK" if ok else "503 Service Unavailable", body, environ
+        )
 
     def ready(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         directory = store.store_directory()
-        ok, results = self.runner.run()
+        _ok, results = self.runner.run()
         reasons = [f"check {name} failed" for name, r in results.items() if not r.ok]
         if not readiness.is_started(directory):
             reasons.append("starting")
@@ -171,26 +174,32 @@ class Health:
         body: dict[str, Any] = {"ready": not reasons, "timestamp": utc_now()}
         if reasons:
             body["reasons"] = reasons
-        return json_response(start_response, "503 Service Unavailable" if reasons else "200 OK",
-                             body, environ)
+        return json_response(
+            start_response, "503 Service Unavailable" if reasons else "200 OK", body, environ
+        )
 
     def live(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         return json_response(
-            start_response, "200 OK",
-            {"alive": True, "timestamp": utc_now(), "pid": os.getpid()}, environ,
+            start_response,
+            "200 OK",
+            {"alive": True, "timestamp": utc_now(), "pid": os.getpid()},
+            environ,
         )
 
     def metrics(self) -> Iterator[Metric]:
         """``<ns>_up`` and ``<ns>_database_status`` from the (cached) checks."""
         ns = self.settings.namespace
         ok, results = self.runner.run()
-        yield GaugeMetricFamily(f"{ns}_up", "Application health status (1=healthy)",
-                                value=1 if ok else 0)
+        yield GaugeMetricFamily(
+            f"{ns}_up", "Application health status (1=healthy)", value=1 if ok else 0
+        )
         db = results.get("database")
         if db is not None:
-            yield GaugeMetricFamily(f"{ns}_database_status",
-                                    "Database health (1=healthy, 0=unhealthy)",
-                                    value=1 if db.ok else 0)
+            yield GaugeMetricFamily(
+                f"{ns}_database_status",
+                "Database health (1=healthy, 0=unhealthy)",
+                value=1 if db.ok else 0,
+            )
 
 
 def install(endpoints: Endpoints) -> None:

@@ -38,7 +38,6 @@ from .store import (
     VALUE_SCALE,
     VERSION,
     WORKER_PREFIX,
-    process_create_time,
 )
 
 __all__ = ["FamilySnapshot", "Snapshot", "StoreReader", "fold_dead_workers"]
@@ -66,8 +65,18 @@ def locked(directory: str, exclusive: bool) -> Iterator[None]:
 class ParsedFile:
     """The record structure of one file; re-parsed only where it grew."""
 
-    __slots__ = ("blocks", "create_time", "created_ns", "families", "folded", "parsed",
-                 "pid", "series", "corrupt_count", "folded_count")
+    __slots__ = (
+        "blocks",
+        "corrupt_count",
+        "create_time",
+        "created_ns",
+        "families",
+        "folded",
+        "folded_count",
+        "parsed",
+        "pid",
+        "series",
+    )
 
     def __init__(self, pid: int, create_time: float, created_ns: int) -> None:
         self.pid = pid
@@ -163,8 +172,7 @@ class FamilySnapshot:
 class HistogramValue:
     """Merged histogram series: sum, classic bucket counts, native buckets."""
 
-    __slots__ = ("bounds", "buckets", "native", "schema", "sum_q", "zero_count",
-                 "zero_threshold")
+    __slots__ = ("bounds", "buckets", "native", "schema", "sum_q", "zero_count", "zero_threshold")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds  # finite bounds; buckets has one more entry (+Inf)
@@ -259,7 +267,8 @@ class StoreReader:
         snap = Snapshot()
         with locked(self.directory, exclusive=False):
             names = sorted(
-                n for n in os.listdir(self.directory)
+                n
+                for n in os.listdir(self.directory)
                 if n.endswith(SUFFIX) and (n == ARCHIVE_NAME or n.startswith(WORKER_PREFIX))
             )
             if ARCHIVE_NAME in names:
@@ -427,8 +436,7 @@ def fold_dead_workers(directory: str, only: list[str] | None = None) -> int:
     with locked(directory, exclusive=True):
         reader = StoreReader(directory)
         names = sorted(
-            n for n in os.listdir(directory)
-            if n.startswith(WORKER_PREFIX) and n.endswith(SUFFIX)
+            n for n in os.listdir(directory) if n.startswith(WORKER_PREFIX) and n.endswith(SUFFIX)
         )
         if only is not None:
             names = [n for n in names if n in only]
@@ -470,12 +478,12 @@ def fold_dead_workers(directory: str, only: list[str] | None = None) -> int:
             _merge_file(snap, archive_pf, archive_buf, include_live=False)
         fresh: list[str] = []
         quarantined: list[str] = []
-        for name, pf, buf in dead:
-            if pf is None:
+        for name, dpf, dbuf in dead:
+            if dpf is None or dbuf is None:
                 if name not in already:
                     quarantined.append(name)
                 continue
-            _merge_file(snap, pf, buf, include_live=False)  # type: ignore[arg-type]
+            _merge_file(snap, dpf, dbuf, include_live=False)
             fresh.append(name)
         folded_names = ([*(archive_pf.folded if archive_pf else []), *fresh])[-FOLDED_MEMORY:]
         _write_archive(
@@ -483,12 +491,14 @@ def fold_dead_workers(directory: str, only: list[str] | None = None) -> int:
         )
         for name in quarantined:
             try:
-                os.replace(os.path.join(directory, name),
-                           os.path.join(directory, name[: -len(SUFFIX)] + ".corrupt"))
+                os.replace(
+                    os.path.join(directory, name),
+                    os.path.join(directory, name[: -len(SUFFIX)] + ".corrupt"),
+                )
             except OSError:
                 pass
-        for name, pf, _ in dead:
-            if pf is not None or name in already:
+        for name, dpf, _ in dead:
+            if dpf is not None or name in already:
                 try:
                     os.unlink(os.path.join(directory, name))
                 except FileNotFoundError:
@@ -518,8 +528,9 @@ def _write_archive(
 ) -> None:
     """Write *snap* as the new archive (temp file, then atomic rename)."""
     out = bytearray(HEADER_SIZE)
-    HEADER.pack_into(out, 0, MAGIC, VERSION, HEADER_SIZE, 0, 0, 0.0, time.time_ns(),
-                     folded_count, corrupt)
+    HEADER.pack_into(
+        out, 0, MAGIC, VERSION, HEADER_SIZE, 0, 0, 0.0, time.time_ns(), folded_count, corrupt
+    )
 
     def record(kind: int, key: bytes, slots: bytes = b"") -> int:
         start = len(out)
@@ -555,8 +566,7 @@ def _write_archive(
                 hv: HistogramValue = value
                 if hv.bounds != bounds:
                     _merge_other_bounds(hv, bounds, [0] * (len(bounds) + 1))
-                slots = struct.pack(f"<qq{len(hv.buckets)}q", hv.sum_q, hv.zero_count,
-                                    *hv.buckets)
+                slots = struct.pack(f"<qq{len(hv.buckets)}q", hv.sum_q, hv.zero_count, *hv.buckets)
                 sslot = record(KIND_SERIES, key, slots)
                 by_block: dict[tuple[int, int], list[int]] = {}
                 for k, n in hv.native.items():
@@ -565,8 +575,11 @@ def _write_archive(
                     block = by_block.setdefault((sign, first), [0] * NATIVE_BLOCK)
                     block[idx - first] += n
                 for (sign, first), counts in sorted(by_block.items()):
-                    record(KIND_BLOCK, BLOCK_KEY.pack(sslot, sign, first),
-                           struct.pack(f"<{NATIVE_BLOCK}q", *counts))
+                    record(
+                        KIND_BLOCK,
+                        BLOCK_KEY.pack(sslot, sign, first),
+                        struct.pack(f"<{NATIVE_BLOCK}q", *counts),
+                    )
     struct.pack_into("<Q", out, 16, len(out))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-archive-", dir=directory)
     try:
@@ -583,7 +596,7 @@ def _write_archive(
 
 def _common_schema(fam: FamilySnapshot) -> int | None:
     # One family has one schema in the archive: reduce every series to the lowest.
-    schemas = [hv.schema for hv in fam.series.values() if hv.schema is not None]
+    schemas: list[int] = [hv.schema for hv in fam.series.values() if hv.schema is not None]
     if not schemas:
         return None
     low = min(schemas)

@@ -154,7 +154,7 @@ class Monitor:
         try:
             call.body = app(environ, call.start_response)
         except BaseException:
-            call.error = sys.exc_info()  # type: ignore[assignment]
+            call.error = sys.exc_info()
             call.finish()
             raise
         return call
@@ -186,8 +186,9 @@ class Monitor:
         except Exception as exc:
             metrics._report_store_failure(exc)
 
-    def note_error(self, request_id: str, method: str, route: str, status: int,
-                   exc_name: str | None) -> None:
+    def note_error(
+        self, request_id: str, method: str, route: str, status: int, exc_name: str | None
+    ) -> None:
         """Count the exception type and add the request to the shared recent-errors list."""
         if exc_name is not None:
             self.exceptions.labels(exc_name).inc()
@@ -195,8 +196,9 @@ class Monitor:
             from .recent_errors import RecentErrors
 
             self._recent = RecentErrors(store.store_directory())
-        self._recent.add(request_id=request_id, method=method, route=route, status=status,
-                         exception=exc_name)
+        self._recent.add(
+            request_id=request_id, method=method, route=route, status=status, exception=exc_name
+        )
 
     def _slots(self, w: store.Writer, key: tuple[str, str, int]) -> tuple[int, int, int]:
         method, route, status = key
@@ -209,8 +211,9 @@ class Monitor:
         entry = self._cache[key] = (req, err, hist)
         return entry
 
-    def record(self, call: _Response, method: str, route: str, status: int,
-               latency_ms: float) -> None:
+    def record(
+        self, call: _Response, method: str, route: str, status: int, latency_ms: float
+    ) -> None:
         """Add one finished request to the store (hot path: a few slot adds)."""
         w = call.writer
         if w is None or w is not self._writer:
@@ -256,13 +259,38 @@ class _Response:
     The body is passed through unbuffered; a list body is handed to the server as is.
     """
 
-    __slots__ = ("body", "error", "exhausted", "finished", "iterating", "lock", "monitor",
-                 "environ", "nbytes", "request_id", "started", "status", "token_rid",
-                 "token_tid", "trace_id", "ttfb", "writer", "counted", "_start_response",
-                 "_write")
+    __slots__ = (
+        "_start_response",
+        "_write",
+        "body",
+        "counted",
+        "environ",
+        "error",
+        "exhausted",
+        "finished",
+        "iterating",
+        "lock",
+        "monitor",
+        "nbytes",
+        "request_id",
+        "started",
+        "status",
+        "token_rid",
+        "token_tid",
+        "trace_id",
+        "ttfb",
+        "writer",
+    )
 
-    def __init__(self, monitor: Monitor, environ: WSGIEnvironment, start_response: StartResponse,
-                 rid: str, started: float, counted: bool) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        rid: str,
+        started: float,
+        counted: bool,
+    ) -> None:
         self.monitor = monitor
         self.environ = environ
         self._start_response = start_response
@@ -283,8 +311,9 @@ class _Response:
         self.body: Iterable[bytes] = ()
         self.token_rid = current_request_id.set(rid)
 
-    def start_response(self, status: str, headers: list[tuple[str, str]],
-                       exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Callable[[bytes], object]:
         try:
             self.status = int(status[:3])
         except (TypeError, ValueError):
@@ -302,7 +331,7 @@ class _Response:
             headers = [*headers, (monitor._header, self.request_id)]
         except Exception:
             pass  # malformed headers go to the server untouched; it will report them
-        self._write = self._start_response(status, headers, exc_info)  # type: ignore[arg-type]
+        self._write = self._start_response(status, headers, exc_info)
         return self.write
 
     def write(self, data: bytes) -> object:
@@ -340,7 +369,7 @@ class _Response:
         except GeneratorExit:
             raise
         except BaseException:
-            self.error = sys.exc_info()  # type: ignore[assignment]
+            self.error = sys.exc_info()
             raise
         self.exhausted = True
 
@@ -351,7 +380,7 @@ class _Response:
                 close()
         except BaseException:
             if self.error is None:
-                self.error = sys.exc_info()  # type: ignore[assignment]
+                self.error = sys.exc_info()
             raise
         finally:
             self.finish()
@@ -398,8 +427,15 @@ class _Response:
                 _reset(current_trace_id, self.token_tid)
             self.environ = {}  # drop references to the request
 
-    def _to_sinks(self, method: str, method_label: str, route: str, status: int,
-                  latency_ms: float, exc_name: str | None) -> None:
+    def _to_sinks(
+        self,
+        method: str,
+        method_label: str,
+        route: str,
+        status: int,
+        latency_ms: float,
+        exc_name: str | None,
+    ) -> None:
         environ = self.environ
         user = environ.get("sfmon.user_id") or environ.get("REMOTE_USER")
         record = RequestRecord(

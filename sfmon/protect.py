@@ -48,11 +48,13 @@ def client_address(environ: WSGIEnvironment, trusted: list[Network]) -> str:
     return hops[0] if hops else peer
 
 
-def _refuse(start_response: StartResponse, status: str, extra: list[tuple[str, str]]
-            ) -> list[bytes]:
+def _refuse(
+    start_response: StartResponse, status: str, extra: list[tuple[str, str]]
+) -> list[bytes]:
     body = b'{"error": "' + status.split(" ", 1)[1].lower().encode() + b'"}'
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body))), *extra])
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra]
+    )
     return [body]
 
 
@@ -72,8 +74,11 @@ def guard(settings: Settings, handler: Handler) -> Handler:
             given = str(environ.get("HTTP_AUTHORIZATION", "")).encode("utf-8", "replace")
             # Constant-time comparison: the time taken says nothing about the token.
             if not hmac.compare_digest(given, expected):
-                return _refuse(start_response, "401 Unauthorized",
-                               [("WWW-Authenticate", 'Bearer realm="sfmon"')])
+                return _refuse(
+                    start_response,
+                    "401 Unauthorized",
+                    [("WWW-Authenticate", 'Bearer realm="sfmon"')],
+                )
         return handler(environ, start_response)
 
     return guarded

@@ -12,8 +12,14 @@ import os
 import signal
 from typing import Any
 
-__all__ = ["install_drain_handler", "is_draining", "is_started", "mark_draining",
-           "mark_started", "reset"]
+__all__ = [
+    "install_drain_handler",
+    "is_draining",
+    "is_started",
+    "mark_draining",
+    "mark_started",
+    "reset",
+]
 
 _STARTED = "started"
 _DRAINING = "draining"

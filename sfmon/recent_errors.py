@@ -46,8 +46,9 @@ class RecentErrors:
         fcntl.flock(fd, mode)
         return fd
 
-    def add(self, *, request_id: str, method: str, route: str, status: int,
-            exception: str | None) -> None:
+    def add(
+        self, *, request_id: str, method: str, route: str, status: int, exception: str | None
+    ) -> None:
         """Append one error; never raises (failures are reported once on stderr)."""
         entry = {
             "time": time.time(),

@@ -45,7 +45,7 @@ def quantile(hv: HistogramValue, q: float) -> float | None:
         return None
     rank = q * total
     if hv.schema is not None and hv.native and not any(k & 1 for k in hv.native):
-        base = 2.0 ** (2.0 ** -hv.schema)
+        base = 2.0 ** (2.0**-hv.schema)
         acc = hv.zero_count
         if acc >= rank:
             return 0.0
@@ -152,19 +152,26 @@ class Reports:
             for (method, path), hv in lat.series.items():
                 count = hv.count
                 e = errors.get((method, path), 0.0)
-                rows.append({
-                    "method": method,
-                    "path": path,
-                    "count": count,
-                    "errors": int(e),
-                    "error_rate": round(100.0 * e / count, 2) if count else 0.0,
-                    "avg_ms": round(hv.sum / count, 3) if count else None,
-                    **{f"p{int(q * 100)}_ms": _round(quantile(hv, q)) for q in (0.5, 0.95, 0.99)},
-                })
-        rows.sort(key=lambda r: (r["p95_ms"] or 0.0), reverse=True)
+                rows.append(
+                    {
+                        "method": method,
+                        "path": path,
+                        "count": count,
+                        "errors": int(e),
+                        "error_rate": round(100.0 * e / count, 2) if count else 0.0,
+                        "avg_ms": round(hv.sum / count, 3) if count else None,
+                        **{
+                            f"p{int(q * 100)}_ms": _round(quantile(hv, q))
+                            for q in (0.5, 0.95, 0.99)
+                        },
+                    }
+                )
+        rows.sort(key=lambda r: r["p95_ms"] or 0.0, reverse=True)
         return rows
 
-    def _workers(self, snap: Snapshot, figures: list[system.ProcessFigures]) -> list[dict[str, Any]]:
+    def _workers(
+        self, snap: Snapshot, figures: list[system.ProcessFigures]
+    ) -> list[dict[str, Any]]:
         by_pid = {f.pid: f for f in figures}
         directory = store.store_directory()
         system.claim_slot(directory)  # this process, if no gunicorn hook claimed one
@@ -172,14 +179,16 @@ class Reports:
         for pid, totals in sorted(snap.workers):
             fig = by_pid.get(pid)
             slot = system.slot_of(directory, pid)
-            rows.append({
-                "slot": slot,
-                "pid": pid,
-                "rss_mb": round(fig.rss / MB, 1) if fig else None,
-                "cpu_percent": round(fig.cpu_percent, 1) if fig else None,
-                "requests": int(totals.get(f"{self.ns}_requests_total", 0)),
-                "busy": totals.get(f"{self.ns}_requests_in_progress", 0) > 0,
-            })
+            rows.append(
+                {
+                    "slot": slot,
+                    "pid": pid,
+                    "rss_mb": round(fig.rss / MB, 1) if fig else None,
+                    "cpu_percent": round(fig.cpu_percent, 1) if fig else None,
+                    "requests": int(totals.get(f"{self.ns}_requests_total", 0)),
+                    "busy": totals.get(f"{self.ns}_requests_in_progress", 0) > 0,
+                }
+            )
         return rows
 
     def summary(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
@@ -229,8 +238,14 @@ class Reports:
                 by_endpoint[key] = by_endpoint.get(key, 0) + n
         recent = []
         for e in self.ring.read(50):
-            recent.append({**e, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                      time.gmtime(float(e.get("time", 0))))})
+            recent.append(
+                {
+                    **e,
+                    "time": time.strftime(
+                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(e.get("time", 0)))
+                    ),
+                }
+            )
         body = {
             "timestamp": utc_now(),
             "requests_total": int(requests),
@@ -247,27 +262,44 @@ class Reports:
         """System, worker, database and disk families (computed at scrape time)."""
         ns = self.ns
         figures, cpu = system.snapshot()
-        yield GaugeMetricFamily(f"{ns}_memory_rss_mb", "Resident set size in MB (service)",
-                                value=sum(f.rss for f in figures) / MB)
-        yield GaugeMetricFamily(f"{ns}_memory_percent", "Memory usage percentage (service)",
-                                value=sum(f.memory_percent for f in figures))
-        yield GaugeMetricFamily(f"{ns}_cpu_percent",
-                                "CPU usage percentage of the machine (service)", value=cpu)
+        yield GaugeMetricFamily(
+            f"{ns}_memory_rss_mb",
+            "Resident set size in MB (service)",
+            value=sum(f.rss for f in figures) / MB,
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_memory_percent",
+            "Memory usage percentage (service)",
+            value=sum(f.memory_percent for f in figures),
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_cpu_percent", "CPU usage percentage of the machine (service)", value=cpu
+        )
         snap = self.endpoints.collector().last_snapshot
         if snap is not None:
             rows = self._workers(snap, figures)
             yield GaugeMetricFamily(f"{ns}_workers", "Live worker processes", value=len(rows))
-            yield GaugeMetricFamily(f"{ns}_workers_busy", "Workers serving a request now",
-                                    value=sum(1 for r in rows if r["busy"]))
-            rss = GaugeMetricFamily(f"{ns}_worker_memory_rss_bytes", "RSS per worker",
-                                    labels=["worker"])
-            cpu_w = GaugeMetricFamily(f"{ns}_worker_cpu_percent",
-                                      "CPU percent of one core, per worker", labels=["worker"])
-            served = GaugeMetricFamily(f"{ns}_worker_requests",
-                                       "Requests served by the worker now in this slot",
-                                       labels=["worker"])
-            busy = GaugeMetricFamily(f"{ns}_worker_busy", "1 if the worker is serving a request",
-                                     labels=["worker"])
+            yield GaugeMetricFamily(
+                f"{ns}_workers_busy",
+                "Workers serving a request now",
+                value=sum(1 for r in rows if r["busy"]),
+            )
+            rss = GaugeMetricFamily(
+                f"{ns}_worker_memory_rss_bytes", "RSS per worker", labels=["worker"]
+            )
+            cpu_w = GaugeMetricFamily(
+                f"{ns}_worker_cpu_percent",
+                "CPU percent of one core, per worker",
+                labels=["worker"],
+            )
+            served = GaugeMetricFamily(
+                f"{ns}_worker_requests",
+                "Requests served by the worker now in this slot",
+                labels=["worker"],
+            )
+            busy = GaugeMetricFamily(
+                f"{ns}_worker_busy", "1 if the worker is serving a request", labels=["worker"]
+            )
             for r in rows:
                 label = [str(r["slot"] if r["slot"] is not None else "none")]
                 if r["rss_mb"] is not None:
@@ -280,11 +312,14 @@ class Reports:
             stats, _error = self.stats.get()
             for name, value in sorted(stats.items()):
                 clean = _STAT_NAME.sub("_", name)
-                yield GaugeMetricFamily(f"{ns}_database_{clean}", f"Database statistic {name}",
-                                        value=value)
-        yield GaugeMetricFamily(f"{ns}_log_disk_free_ratio",
-                                "Free fraction of the log directory's filesystem",
-                                value=system.disk_free_ratio(os.path.abspath(self.log_dir)))
+                yield GaugeMetricFamily(
+                    f"{ns}_database_{clean}", f"Database statistic {name}", value=value
+                )
+        yield GaugeMetricFamily(
+            f"{ns}_log_disk_free_ratio",
+            "Free fraction of the log directory's filesystem",
+            value=system.disk_free_ratio(os.path.abspath(self.log_dir)),
+        )
 
 
 def _round(v: float | None) -> float | None:

@@ -87,8 +87,9 @@ class ProcessFigures:
 
     __slots__ = ("cpu_percent", "memory_percent", "pid", "rss", "vms")
 
-    def __init__(self, pid: int, rss: int, vms: int, memory_percent: float,
-                 cpu_percent: float) -> None:
+    def __init__(
+        self, pid: int, rss: int, vms: int, memory_percent: float, cpu_percent: float
+    ) -> None:
         self.pid = pid
         self.rss = rss
         self.vms = vms

@@ -44,13 +44,23 @@ def gunicorn_bin() -> str:
 class Proc:
     """A started process, stopped by PID (its own process group) on exit."""
 
-    def __init__(self, args: Sequence[str], *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
         self.args = list(args)
         self.log = log
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         self.popen = subprocess.Popen(
-            self.args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+            self.args,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         if log:
@@ -109,8 +119,9 @@ def wait_http(url: str, timeout: float = 30.0, proc: Proc | None = None) -> None
     raise AssertionError(f"{url} did not answer within {timeout}s\n{tail}")
 
 
-def http_get(url: str, headers: dict[str, str] | None = None,
-             timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     """GET *url*; return (status, headers, body) for any status."""
     req = urllib.request.Request(url, headers=headers or {})
     try:

@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import ROOT, Proc, free_port, gunicorn_bin, http_get, need_binary, wait_http
 
 pytestmark = pytest.mark.integration
@@ -36,24 +35,43 @@ def scrape(base: str) -> Samples:
 
 def total(samples: Samples, name: str, **match: str) -> float:
     return sum(
-        v for (n, labels), v in samples.items()
+        v
+        for (n, labels), v in samples.items()
         if n == name and all((k, val) in labels for k, val in match.items())
     )
 
 
 class Server:
-    def __init__(self, tmp: Path, *args: str, app: str = "tests.apps.wsgi_app:app",
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        app: str = "tests.apps.wsgi_app:app",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.mpdir = tmp / "mp"
         self.mpdir.mkdir(exist_ok=True)
-        full_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.mpdir),
-                    "SFMON_LOG_DIR": str(tmp / "logs"), **(env or {})}
+        full_env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.mpdir),
+            "SFMON_LOG_DIR": str(tmp / "logs"),
+            **(env or {}),
+        }
         self.proc = Proc(
-            [gunicorn_bin(), "-c", str(ROOT / "gunicorn.conf.py"), "-b",
-             f"127.0.0.1:{self.port}", *args, app],
-            cwd=ROOT, env=full_env, log=tmp / "gunicorn.log",
+            [
+                gunicorn_bin(),
+                "-c",
+                str(ROOT / "gunicorn.conf.py"),
+                "-b",
+                f"127.0.0.1:{self.port}",
+                *args,
+                app,
+            ],
+            cwd=ROOT,
+            env=full_env,
+            log=tmp / "gunicorn.log",
         )
         wait_http(self.base + "/api/metrics/live", proc=self.proc)
 
@@ -169,7 +187,7 @@ def test_streamed_response_counts_in_full_and_exception_reaches_server(
 ) -> None:
     srv: Server = server_factory("-w", "2")  # type: ignore[operator]
 
-    status, headers, body = http_get(srv.base + "/stream?ms=600")
+    status, _headers, body = http_get(srv.base + "/stream?ms=600")
     boom = http_get(srv.base + "/boom")
 
     assert status == 200 and body.count(b"chunk") == 6
@@ -185,7 +203,8 @@ def test_streamed_response_counts_in_full_and_exception_reaches_server(
 def test_zero_code_wrap_never_double_wraps(server_factory: object) -> None:
     """The demo is already wrapped in its module; gunicorn's hook must not wrap it again."""
     srv: Server = server_factory(  # type: ignore[operator]
-        "-w", "1", "--chdir", str(ROOT / "examples" / "softfactory"), app="app:app")
+        "-w", "1", "--chdir", str(ROOT / "examples" / "softfactory"), app="app:app"
+    )
 
     for _ in range(3):
         http_get(srv.base + "/api/coocook/chefs", {"Authorization": "Bearer demo_token"})
@@ -197,7 +216,8 @@ def test_zero_code_wrap_never_double_wraps(server_factory: object) -> None:
 def test_promtool_accepts_the_exposition_except_seed_names(server_factory: object) -> None:
     promtool = need_binary("promtool")
     srv: Server = server_factory(  # type: ignore[operator]
-        "-w", "2", "--chdir", str(ROOT / "examples" / "softfactory"), app="app:app")
+        "-w", "2", "--chdir", str(ROOT / "examples" / "softfactory"), app="app:app"
+    )
     auth = {"Authorization": "Bearer demo_token"}
     for path in ("/api/coocook/chefs", "/api/items/1", "/api/nope", "/api/error"):
         http_get(srv.base + path, auth)
@@ -218,9 +238,18 @@ def test_missing_multiproc_dir_fails_at_start_naming_it(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing)}
 
     result = subprocess.run(
-        [gunicorn_bin(), "-c", str(ROOT / "gunicorn.conf.py"), "-b", f"127.0.0.1:{port}",
-         "tests.apps.wsgi_app:app"],
-        cwd=ROOT, env=env, capture_output=True, timeout=60,
+        [
+            gunicorn_bin(),
+            "-c",
+            str(ROOT / "gunicorn.conf.py"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "tests.apps.wsgi_app:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
     )
 
     assert result.returncode != 0

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_gunicorn_core import Server
-
 from support import ROOT, http_get, need_binary
+from test_gunicorn_core import Server
 
 pytestmark = pytest.mark.integration
 DEMO = str(ROOT / "examples" / "softfactory")
@@ -20,8 +19,15 @@ AUTH = {"Authorization": "Bearer demo_token"}
 
 
 def demo(tmp_path: Path, workers: int = 2, **env: str) -> Server:
-    return Server(tmp_path, "-w", str(workers), "--chdir", DEMO, app="app:app",
-                  env={"SOFTFACTORY_DB": str(tmp_path / "demo.sqlite3"), **env})
+    return Server(
+        tmp_path,
+        "-w",
+        str(workers),
+        "--chdir",
+        DEMO,
+        app="app:app",
+        env={"SOFTFACTORY_DB": str(tmp_path / "demo.sqlite3"), **env},
+    )
 
 
 def get_json(url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -36,10 +42,8 @@ def test_summary_and_errors_merge_all_workers(tmp_path: Path) -> None:
         for i in range(sent):
             path = "/api/error" if i % 3 == 0 else "/api/coocook/chefs"
             http_get(srv.base + path, AUTH)
-        pids = set()
         for _ in range(20):
-            status, errors = get_json(srv.base + "/api/metrics/errors")
-            pids.add(errors["answered_by"])
+            _, errors = get_json(srv.base + "/api/metrics/errors")
             foreign = [e for e in errors["recent"] if e["pid"] != errors["answered_by"]]
             if foreign:
                 break
@@ -104,8 +108,9 @@ def test_protection_under_gunicorn(tmp_path: Path) -> None:
     srv = demo(tmp_path, workers=2, SFMON_METRICS_TOKEN="t0ken-t0ken")
     try:
         no_token = http_get(srv.base + "/api/metrics/prometheus")
-        with_token = http_get(srv.base + "/api/metrics/prometheus",
-                              {"Authorization": "Bearer t0ken-t0ken"})
+        with_token = http_get(
+            srv.base + "/api/metrics/prometheus", {"Authorization": "Bearer t0ken-t0ken"}
+        )
         probes = [http_get(srv.base + f"/api/metrics/{p}")[0] for p in ("health", "ready", "live")]
     finally:
         srv.stop()
@@ -120,9 +125,12 @@ def test_ab_10000_requests_on_health_without_failures(tmp_path: Path) -> None:
     ab = need_binary("ab")
     srv = demo(tmp_path, workers=4)
     try:
-        out = subprocess.run([ab, "-q", "-n", "10000", "-c", "100",
-                              srv.base + "/api/metrics/health"],
-                             capture_output=True, text=True, timeout=300).stdout
+        out = subprocess.run(
+            [ab, "-q", "-n", "10000", "-c", "100", srv.base + "/api/metrics/health"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout
     finally:
         srv.stop()
     failed = int(re.search(r"Failed requests:\s+(\d+)", out).group(1))  # type: ignore[union-attr]

@@ -168,8 +168,9 @@ def test_exception_while_streaming_is_recorded_as_500(store_dir: str) -> None:
     assert series(store_dir, f"{ns}_exceptions_total") == {("ValueError",): 1}
 
 
-def run_raw(app: Any, path: str = "/", method: str = "GET", consume: int | None = None
-            ) -> tuple[str, list[tuple[str, str]], list[bytes]]:
+def run_raw(
+    app: Any, path: str = "/", method: str = "GET", consume: int | None = None
+) -> tuple[str, list[tuple[str, str]], list[bytes]]:
     """Call a WSGI app like a server that may stop reading early, then close it."""
     environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": method}
     setup_testing_defaults(environ)
@@ -223,7 +224,8 @@ def test_client_abort_midway_is_recorded_as_499(store_dir: str) -> None:
 
     assert closed == [True]  # the app's generator was closed through us
     assert series(store_dir, f"{m.settings.namespace}_requests_total") == {
-        ("GET", "/long", "499"): 1}
+        ("GET", "/long", "499"): 1
+    }
 
 
 def test_in_progress_counts_live_requests(store_dir: str) -> None:
@@ -252,7 +254,8 @@ def test_random_404s_and_invented_methods_add_at_most_two_series(store_dir: str)
     for i in range(1000):
         path = "/" + "/".join(
             "".join(rng.choices(string.ascii_letters + string.digits, k=rng.randint(1, 12)))
-            for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 4))
+        )
         method = "GET" if i % 2 else "".join(rng.choices(string.ascii_uppercase, k=6))
         c.open(path, method=method)
 
@@ -276,7 +279,8 @@ def test_flask_route_templates_give_one_path_value(store_dir: str) -> None:
         assert c.get(f"/api/items/{i}").status_code == 200
 
     assert series(store_dir, f"{ns}_requests_total") == {
-        ("GET", "/api/items/<int:item_id>", "200"): 100}
+        ("GET", "/api/items/<int:item_id>", "200"): 100
+    }
 
 
 def test_builtin_endpoints_are_not_counted(store_dir: str) -> None:
@@ -299,8 +303,10 @@ def test_scrape_formats_and_gzip(store_dir: str) -> None:
     c.get("/x")
 
     text = c.get("/api/metrics/prometheus")
-    om = c.get("/api/metrics/prometheus",
-               headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    om = c.get(
+        "/api/metrics/prometheus",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
     gz = c.get("/api/metrics/prometheus", headers={"Accept-Encoding": "gzip"})
 
     assert text.headers["Content-Type"].startswith("text/plain; version=0.0.4")

@@ -51,8 +51,13 @@ def values(directory: str) -> dict[str, dict[tuple[str, ...], object]]:
         out[name] = {}
         for labels, v in fam.series.items():
             if isinstance(v, HistogramValue):
-                out[name][labels] = (v.count, v.sum, tuple(v.buckets), v.zero_count,
-                                     tuple(sorted(v.native.items())))
+                out[name][labels] = (
+                    v.count,
+                    v.sum,
+                    tuple(v.buckets),
+                    v.zero_count,
+                    tuple(sorted(v.native.items())),
+                )
             elif isinstance(v, tuple):
                 out[name][labels] = v[0]
             else:
@@ -163,8 +168,9 @@ def test_truncated_and_garbage_files_are_skipped_and_set_aside(store_dir: str) -
     c = fresh("counter")
     c.inc(2)
     in_child(lambda: c.inc(3))
-    victim = next(n for n in os.listdir(store_dir)
-                  if n.startswith("w-") and n != store.get_writer().name)
+    victim = next(
+        n for n in os.listdir(store_dir) if n.startswith("w-") and n != store.get_writer().name
+    )
     Path(store_dir, "w-999999-1-aaaaaa.sfm").write_bytes(b"")  # killed at creation
     Path(store_dir, "w-999998-1-bbbbbb.sfm").write_bytes(b"SFMONST1" + b"\xff" * 100)
     data = bytearray(Path(store_dir, victim).read_bytes())
@@ -174,7 +180,8 @@ def test_truncated_and_garbage_files_are_skipped_and_set_aside(store_dir: str) -
     snap = StoreReader(store_dir).snapshot()
 
     assert sorted(snap.files_skipped) == sorted(
-        ["w-999999-1-aaaaaa.sfm", "w-999998-1-bbbbbb.sfm", victim])
+        ["w-999999-1-aaaaaa.sfm", "w-999998-1-bbbbbb.sfm", victim]
+    )
     assert snap.families[c.name].series[()] == 2 * store.VALUE_SCALE
     fold_dead_workers(store_dir)
     snap = StoreReader(store_dir).snapshot()

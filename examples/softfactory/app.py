@@ -22,10 +22,18 @@ HERE = Path(__file__).resolve().parent
 DB_PATH = Path(os.environ.get("SOFTFACTORY_DB", str(HERE / "softfactory.sqlite3")))
 TOKEN = os.environ.get("SOFTFACTORY_TOKEN", "demo_token")
 TABLES = ("users", "payments", "bookings", "sns_posts", "campaigns", "ai_employees")
-SEED_ROWS = {"users": 256, "payments": 1024, "bookings": 512, "sns_posts": 2048,
-             "campaigns": 128, "ai_employees": 64}
-CHEFS = [{"id": i, "name": f"Chef {i}", "cuisine": c}
-         for i, c in enumerate(["korean", "italian", "french", "thai"], start=1)]
+SEED_ROWS = {
+    "users": 256,
+    "payments": 1024,
+    "bookings": 512,
+    "sns_posts": 2048,
+    "campaigns": 128,
+    "ai_employees": 64,
+}
+CHEFS = [
+    {"id": i, "name": f"Chef {i}", "cuisine": c}
+    for i, c in enumerate(["korean", "italian", "french", "thai"], start=1)
+]
 
 log = logging.getLogger("softfactory.api")
 audit = logging.getLogger("softfactory.audit")
@@ -34,7 +42,8 @@ payments_failed = sfmon.counter(
     "softfactory_payments_failed_total", "Payments that failed", ["reason"]
 )
 last_backup = sfmon.gauge(
-    "softfactory_last_backup_timestamp_seconds", "Unix time of the last successful backup",
+    "softfactory_last_backup_timestamp_seconds",
+    "Unix time of the last successful backup",
     mode="max",
 )
 active_users = sfmon.gauge(
@@ -52,8 +61,10 @@ def init_db(path: Path = DB_PATH) -> None:
         for table, rows in SEED_ROWS.items():
             (count,) = con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
             if count == 0:
-                con.executemany(f"INSERT INTO {table} (data) VALUES (?)",
-                                [(f"{table}-{i}",) for i in range(rows)])
+                con.executemany(
+                    f"INSERT INTO {table} (data) VALUES (?)",
+                    [(f"{table}-{i}",) for i in range(rows)],
+                )
         con.execute("COMMIT")
     finally:
         con.close()
@@ -130,7 +141,9 @@ def create_app() -> Flask:
     @app.post("/api/payments")
     def pay() -> tuple[Response, int]:
         body = request.get_json(silent=True) or {}
-        if body.get("fail") or random.random() < float(os.environ.get("SOFTFACTORY_FAIL_RATE", "0")):
+        if body.get("fail") or random.random() < float(
+            os.environ.get("SOFTFACTORY_FAIL_RATE", "0")
+        ):
             payments_failed.labels("card_declined").inc()
             log.error("payment failed", extra={"reason": "card_declined"})
             return jsonify(error="card_declined"), 402
