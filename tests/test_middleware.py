@@ -276,7 +276,7 @@ def test_flask_route_templates_give_one_path_value(store_dir: str) -> None:
     ns = app.wsgi_app.settings.namespace  # type: ignore[attr-defined]
     c = app.test_client()
     for i in range(100):
-        assert c.get(f"/api/items/{i}").status_code == 200
+        assert c.get(f"/api/items/{i}", buffered=True).status_code == 200
 
     assert series(store_dir, f"{ns}_requests_total") == {
         ("GET", "/api/items/<int:item_id>", "200"): 100
