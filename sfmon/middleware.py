@@ -401,6 +401,12 @@ class _Response:
             status = 499  # the server stopped reading the body: the client went away
         elif status == 0:
             status = 500  # the app returned without ever calling start_response
+        if exc_name is None and status >= 500:
+            # A framework that turns exceptions into 500s itself (Flask) names the type
+            # here through its adapter.
+            handled = environ.get("sfmon.exception")
+            if type(handled) is str:
+                exc_name = handled[:100]
         method = environ.get("REQUEST_METHOD", "")
         try:
             method_label = method if method in _STANDARD_METHODS else routes.OTHER_METHOD
