@@ -105,9 +105,18 @@ class Endpoints:
         return self._collector
 
     def prometheus(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        self.collector()
+        collector = self.collector()
+
+        def protobuf() -> bytes:
+            from .protobuf_exposition import protobuf_body
+
+            return protobuf_body(self._registry, collector, self.service_start_time())
+
         body, headers = render(
-            self._registry, environ.get("HTTP_ACCEPT"), environ.get("HTTP_ACCEPT_ENCODING")
+            self._registry,
+            environ.get("HTTP_ACCEPT"),
+            environ.get("HTTP_ACCEPT_ENCODING"),
+            protobuf=protobuf,
         )
         start_response("200 OK", headers)
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]

@@ -52,7 +52,7 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.mpdir = tmp / "mp"
-        self.mpdir.mkdir(exist_ok=True)
+        self.mpdir.mkdir(parents=True, exist_ok=True)
         full_env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": str(self.mpdir),

@@ -8,6 +8,12 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qs
 
+import sfmon
+
+injected = sfmon.histogram(
+    "test_injected_ms", "Known values observed by the test app", native=True
+)
+
 
 def app(environ, start_response):  # type: ignore[no-untyped-def]
     path = environ.get("PATH_INFO", "")
@@ -32,6 +38,11 @@ def app(environ, start_response):  # type: ignore[no-untyped-def]
 
         start_response("200 OK", [("Content-Type", "text/plain")])
         return body()
+    if path == "/observe":
+        environ["sfmon.route"] = "/observe"
+        injected.observe(ms)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"observed\n"]
     if path == "/boom":
         environ["sfmon.route"] = "/boom"
         raise RuntimeError("boom")
