@@ -175,8 +175,12 @@ class Reports:
         by_pid = {f.pid: f for f in figures}
         directory = store.store_directory()
         system.claim_slot(directory)  # this process, if no gunicorn hook claimed one
+        totals_by_pid = dict(snap.workers)
+        master = store.read_service_meta(directory).get("master_pid")
+        pids = sorted(p for p in by_pid if p != master) or [os.getpid()]
         rows = []
-        for pid, totals in sorted(snap.workers):
+        for pid in pids:
+            totals = totals_by_pid.get(pid, {})
             fig = by_pid.get(pid)
             slot = system.slot_of(directory, pid)
             rows.append(

@@ -16,8 +16,9 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_unset_directory_is_a_warning(monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_unset_directory_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
 
     code, out = run(capsys)
@@ -25,8 +26,9 @@ def test_unset_directory_is_a_warning(monkeypatch: pytest.MonkeyPatch,
     assert code == 0 and "[warning] PROMETHEUS_MULTIPROC_DIR is unset" in out
 
 
-def test_missing_directory_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_directory_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "gone"))
 
     code, out = run(capsys)
@@ -34,8 +36,9 @@ def test_missing_directory_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert code == 1 and "does not exist" in out
 
 
-def test_dead_unfolded_workers_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_dead_unfolded_workers_are_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sfmon import metrics
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -55,8 +58,9 @@ def test_dead_unfolded_workers_are_reported(monkeypatch: pytest.MonkeyPatch, tmp
     assert code == 0 and "not folded" in out and "child_exit" in out
 
 
-def test_config_without_hooks_is_an_error(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_without_hooks_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     conf = tmp_path / "bare.conf.py"
     conf.write_text("workers = 2\n")
 

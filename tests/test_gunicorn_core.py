@@ -75,6 +75,21 @@ class Server:
         )
         wait_http(self.base + "/api/metrics/live", proc=self.proc)
 
+    def wait_workers(self, n: int, timeout: float = 30.0) -> set[int]:
+        """Wait until *n* distinct workers have booted and answered /live."""
+        import json
+
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(8) as pool:
+            while len(seen) < n and time.monotonic() < deadline:
+                bodies = pool.map(
+                    lambda _: http_get(self.base + "/api/metrics/live")[2], range(16)
+                )
+                seen.update(json.loads(b)["pid"] for b in bodies)
+        assert len(seen) >= n, f"only {len(seen)} of {n} workers answered"
+        return seen
+
     def workers(self) -> list[int]:
         return [c.pid for c in psutil.Process(self.proc.pid).children()]
 

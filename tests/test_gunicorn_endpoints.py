@@ -7,6 +7,7 @@ import re
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ AUTH = {"Authorization": "Bearer demo_token"}
 
 
 def demo(tmp_path: Path, workers: int = 2, **env: str) -> Server:
-    return Server(
+    srv = Server(
         tmp_path,
         "-w",
         str(workers),
@@ -28,6 +29,8 @@ def demo(tmp_path: Path, workers: int = 2, **env: str) -> Server:
         app="app:app",
         env={"SOFTFACTORY_DB": str(tmp_path / "demo.sqlite3"), **env},
     )
+    srv.wait_workers(workers)  # every worker has imported the app (and created the DB)
+    return srv
 
 
 def get_json(url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -39,9 +42,9 @@ def test_summary_and_errors_merge_all_workers(tmp_path: Path) -> None:
     srv = demo(tmp_path, workers=2)
     try:
         sent = 60
-        for i in range(sent):
-            path = "/api/error" if i % 3 == 0 else "/api/coocook/chefs"
-            http_get(srv.base + path, AUTH)
+        paths = ["/api/error" if i % 3 == 0 else "/api/coocook/chefs" for i in range(sent)]
+        with ThreadPoolExecutor(6) as pool:  # concurrent, so both workers record errors
+            list(pool.map(lambda p: http_get(srv.base + p, AUTH), paths))
         for _ in range(20):
             _, errors = get_json(srv.base + "/api/metrics/errors")
             foreign = [e for e in errors["recent"] if e["pid"] != errors["answered_by"]]

@@ -45,18 +45,26 @@ def test_native_histograms_in_real_prometheus_with_recycled_workers(tmp_path: Pa
         assert statuses.count(200) == 2000
         target = srv.base.removeprefix("http://")
         cfg = prometheus_config(PROM_DIR / "prometheus-native.yml", targets=[target])
-        with running_prometheus(tmp_path / "prom-native", cfg,
-                                extra_args=("--enable-feature=native-histograms",)) as prom:
+        with running_prometheus(
+            tmp_path / "prom-native", cfg, extra_args=("--enable-feature=native-histograms",)
+        ) as prom:
             count = wait_until(
-                lambda: scalar(prom, 'histogram_count(test_injected_ms)') == len(values)
-                and scalar(prom, 'histogram_count(softfactory_request_latency_ms{path="/ok"})'),
-                30, "native histogram counts")
+                lambda: (
+                    scalar(prom, "histogram_count(test_injected_ms)") == len(values)
+                    and scalar(prom, 'histogram_count(softfactory_request_latency_ms{path="/ok"})')
+                ),
+                30,
+                "native histogram counts",
+            )
             assert count
             ok_count = scalar(prom, 'histogram_count(softfactory_request_latency_ms{path="/ok"})')
             observe_count = scalar(
-                prom, 'histogram_count(softfactory_request_latency_ms{path="/observe"})')
-            got = {q: scalar(prom, f"histogram_quantile({q}, test_injected_ms)")
-                   for q in (0.5, 0.9, 0.99)}
+                prom, 'histogram_count(softfactory_request_latency_ms{path="/observe"})'
+            )
+            got = {
+                q: scalar(prom, f"histogram_quantile({q}, test_injected_ms)")
+                for q in (0.5, 0.9, 0.99)
+            }
             total = scalar(prom, "histogram_sum(test_injected_ms)")
             classic_in_native = prom.query("test_injected_ms_bucket")
         cfg = prometheus_config(PROM_DIR / "prometheus.yml", targets=[target])
@@ -64,7 +72,9 @@ def test_native_histograms_in_real_prometheus_with_recycled_workers(tmp_path: Pa
             wait_until(lambda: prom.query('up{job="softfactory-api"} == 1'), 30, "classic scrape")
             classic_count = wait_until(
                 lambda: scalar(prom, 'sum(softfactory_request_latency_ms_count{path="/ok"})'),
-                30, "classic counts")
+                30,
+                "classic counts",
+            )
             buckets = prom.query('test_injected_ms_bucket{le="100.0"}')
             requests = scalar(prom, 'sum(softfactory_requests_total{path="/ok"})')
     finally:

@@ -52,8 +52,9 @@ def test_protobuf_only_when_asked_and_decodes(store_dir: str) -> None:
     for v in (0.5, 3.0, 3.0, 40.0, 2000.0):
         h.observe(v)
 
-    plain = c.get("/api/metrics/prometheus", headers={"Accept": PLAIN_PROMETHEUS_ACCEPT},
-                  buffered=True)
+    plain = c.get(
+        "/api/metrics/prometheus", headers={"Accept": PLAIN_PROMETHEUS_ACCEPT}, buffered=True
+    )
     resp = c.get("/api/metrics/prometheus", headers={"Accept": PROTO_ACCEPT}, buffered=True)
 
     assert plain.headers["Content-Type"].startswith("application/openmetrics-text")
@@ -70,7 +71,11 @@ def test_protobuf_only_when_asked_and_decodes(store_dir: str) -> None:
     inj = families["pbx_injected_ms"].metric[0].histogram
     assert inj.sample_count == 5 and inj.sample_sum == pytest.approx(2046.5, abs=1e-3)
     assert [(b.upper_bound, b.cumulative_count) for b in inj.bucket] == [
-        (1.0, 1), (10.0, 3), (100.0, 4), (float("inf"), 5)]
+        (1.0, 1),
+        (10.0, 3),
+        (100.0, 4),
+        (float("inf"), 5),
+    ]
     decoded: dict[int, int] = {}
     index, count = 0, 0
     deltas = iter(inj.positive_delta)
@@ -95,8 +100,9 @@ def test_bucket_limit_reduces_the_schema_on_the_wire(store_dir: str) -> None:
         h.observe(1.05**i)
     m = sfmon.Monitor(app, namespace="pby", access_log=False)
 
-    resp = Client(m).get("/api/metrics/prometheus", headers={"Accept": PROTO_ACCEPT},
-                         buffered=True)
+    resp = Client(m).get(
+        "/api/metrics/prometheus", headers={"Accept": PROTO_ACCEPT}, buffered=True
+    )
 
     hist = {f.name: f for f in parse_delimited(resp.data)}["pbx_wide_ms"].metric[0].histogram
     populated = sum(1 for d in _counts(hist) if d)
