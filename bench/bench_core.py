@@ -124,39 +124,46 @@ def make_dead_workers(directory: str, dead: int, series: int) -> None:
 
 def bench_scrape(sizes: list[tuple[int, int]], repeats: int) -> None:
     from sfmon import store
-    from sfmon.endpoints import GaugeMetricFamily  # noqa: F401  (import cost outside timing)
     from sfmon.exposition import StoreCollector, build_registry, render
     from sfmon.merge import fold_dead_workers
+    from sfmon.protobuf_exposition import protobuf_body
+
+    PROTO = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"
 
     print("\nScrape (text exposition) vs dead workers, ms (median):")
     print(
-        f"  {'dead':>5} {'series':>7} {'unfolded':>10} {'folded':>8} {'no dead':>8} {'files':>6}"
+        f"  {'dead':>5} {'series':>7} {'unfolded':>10} {'folded':>8} {'no dead':>8} {'protobuf':>9} {'files':>6}"
     )
     for dead, series in sizes:
         tmp = tempfile.mkdtemp(prefix="sfmon-bench-scrape-")
         store.reset_for_tests(tmp)
         make_dead_workers(tmp, dead, series)
 
-        def timed(directory: str) -> float:
+        def timed(directory: str, proto: bool = False) -> float:
             col = StoreCollector(directory, sweep=False)
             reg = build_registry(col)
+            accept = PROTO if proto else None
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                render(reg, None, None)
+                render(reg, accept, None, protobuf=lambda: protobuf_body(reg, col))
                 times.append(time.perf_counter() - t)
             return statistics.median(times) * 1000
 
         unfolded = timed(tmp)
         fold_dead_workers(tmp)
         folded = timed(tmp)
+        folded_pb = timed(tmp, proto=True)
         files = len([n for n in os.listdir(tmp) if n.endswith(".sfm")])
         single = tempfile.mkdtemp(prefix="sfmon-bench-one-")
         store.reset_for_tests(single)
         make_dead_workers(single, 1, series)
         fold_dead_workers(single)
         baseline = timed(single)
-        print(f"  {dead:5d} {series:7d} {unfolded:10.2f} {folded:8.2f} {baseline:8.2f} {files:6d}")
+        print(
+            f"  {dead:5d} {series:7d} {unfolded:10.2f} {folded:8.2f} {baseline:8.2f} "
+            f"{folded_pb:9.2f} {files:6d}"
+        )
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(single, ignore_errors=True)
     store.reset_for_tests(None)

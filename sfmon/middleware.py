@@ -169,7 +169,8 @@ class Monitor:
 
     def _enter(self, call: _Response, environ: WSGIEnvironment) -> None:
         try:
-            w = store.get_writer()
+            # The fork hook clears store._writer in a child, so no pid check is needed here.
+            w = store._writer or store.get_writer()
             if w is not self._writer:
                 self._cache = {}
                 self._inprog_slot = w.series_slot(self.in_progress, ())
