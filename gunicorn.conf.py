@@ -27,4 +27,5 @@ max_requests_jitter = int(os.environ.get("SFMON_MAX_REQUESTS_JITTER", "0"))
 # sfmon writes one JSON access line per request itself, so gunicorn's access log is off.
 accesslog = None
 errorlog = "-"
+logger_class = "sfmon.gunicorn_logging.JsonGunicornLogger"  # gunicorn's own lines as JSON
 loglevel = os.environ.get("SFMON_LOG_LEVEL", "info")

@@ -11,6 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0.dev0"
 
 from .checks import dbapi_check, sqlite_check
+from .logs import configure_logging
 from .metrics import Counter, Gauge, Histogram, counter, gauge, histogram
 from .middleware import Monitor
 from .record import RequestRecord
@@ -23,6 +24,7 @@ __all__ = [
     "Monitor",
     "RequestRecord",
     "__version__",
+    "configure_logging",
     "counter",
     "dbapi_check",
     "gauge",

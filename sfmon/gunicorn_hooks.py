@@ -68,6 +68,22 @@ def on_starting(server: Any) -> None:
     from . import readiness
 
     readiness.reset(store.store_directory())
+    configure_service_logging()
+
+
+def configure_service_logging(environ: dict[str, str] | None = None) -> None:
+    """JSON logs for the whole service, set up once in the master before workers fork.
+
+    Destinations: stdout, ``<log dir>/app.log``, ``access.log``, ``errors.log`` with
+    ``SFMON_LOG_DIR`` (default ``logs``); ``SFMON_LOGGING=0`` leaves logging alone.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SFMON_LOGGING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    from .logs import configure_logging
+
+    log_dir = env.get("SFMON_LOG_DIR", "logs")
+    configure_logging(None, log_file=os.path.join(log_dir, "app.log"), log_dir=log_dir)
 
 
 def when_ready(server: Any) -> None:
