@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from sfmon import cli, store
-from support import ROOT
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_gunicorn_core import Server
-
 from support import ROOT
+from test_gunicorn_core import Server
 
 pytestmark = pytest.mark.integration
 DEMO = str(ROOT / "examples" / "softfactory")
