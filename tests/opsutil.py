@@ -74,6 +74,34 @@ def scaled_alert_rules(
     return {"groups": [{"name": "scaled-for-test", "rules": rules}]}
 
 
+# --------------------------------------------------------------------- dashboard
+
+DASHBOARD = PROM_DIR / "grafana" / "softfactory-dashboard.json"
+
+
+def dashboard_targets() -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) for every query of every panel of the dashboard."""
+    with open(DASHBOARD, encoding="utf-8") as f:
+        doc = json.load(f)
+    return [
+        (p["title"], t["refId"], t["expr"])
+        for p in doc["panels"]
+        if p["type"] != "row"
+        for t in p["targets"]
+    ]
+
+
+def substitute(expr: str, *, rate: str = "1m", range_: str = "1h", interval: str = "1h") -> str:
+    """Replace Grafana's macros and variables the way Grafana would ($instance = All)."""
+    return (
+        expr.replace("$__rate_interval", rate)
+        .replace("$__range", range_)
+        .replace("$__interval", interval)
+        .replace('job=~"$job"', f'job=~"{JOB}"')
+        .replace('instance=~"$instance"', 'instance=~".*"')
+    )
+
+
 # --------------------------------------------------------------------- waiting
 
 
@@ -331,10 +359,13 @@ class WebhookSink:
         self.server.server_close()
         self.thread.join(5)
 
-    def firing(self, alertname: str) -> list[tuple[float, str, dict[str, Any]]]:
-        """Notifications (time, path, alert) that carry a firing *alertname*."""
+    def firing(
+        self, alertname: str, since: float = 0.0
+    ) -> list[tuple[float, str, dict[str, Any]]]:
+        """Notifications (time, path, alert) that carry a firing *alertname*, received
+        at or after *since* (``time.monotonic()``)."""
         with self.lock:
-            items = list(self.received)
+            items = [item for item in self.received if item[0] >= since]
         found = []
         for t, path, payload in items:
             for alert in payload.get("alerts", []):
@@ -366,20 +397,28 @@ class Demo:
 def running_demo(
     workdir: Path, *, host: str = HOST, workers: int = 2, env: dict[str, str] | None = None
 ) -> Iterator[Demo]:
-    """``gunicorn -c gunicorn.conf.py app:app`` in examples/softfactory on a free port."""
+    """``gunicorn -c gunicorn.conf.py app:app`` in examples/softfactory on a free port.
+
+    The database, the logs and the multiprocess store live in *workdir*, so several
+    instances can run side by side and nothing is written into the checkout.
+    """
     demo_dir = need_demo()
     workdir.mkdir(parents=True, exist_ok=True)
+    conf = demo_dir / "gunicorn.conf.py"
+    if not conf.exists():
+        conf = ROOT / "gunicorn.conf.py"
     port = free_port(host)
     mp_dir = workdir / "multiproc"
     mp_dir.mkdir(exist_ok=True)
-    proc_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp_dir), **(env or {})}
-    args = ["-c", "gunicorn.conf.py", "-b", f"{host}:{port}", "-w", str(workers), "app:app"]
-    proc = Proc(
-        [gunicorn_bin(), *args],
-        cwd=demo_dir,
-        env=proc_env,
-        log=workdir / "gunicorn.log",
-    )
+    proc_env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(mp_dir),
+        "SFMON_LOG_DIR": str(workdir / "logs"),
+        "SOFTFACTORY_DB": str(workdir / "softfactory.sqlite3"),
+        **(env or {}),
+    }
+    args = ["-c", str(conf), "-b", f"{host}:{port}", "-w", str(workers), "app:app"]
+    proc = Proc([gunicorn_bin(), *args], cwd=demo_dir, env=proc_env, log=workdir / "gunicorn.log")
     try:
         wait_ready(f"http://{host}:{port}/api/metrics/live", proc, timeout=60)
         yield Demo(proc, host, port)
@@ -391,7 +430,9 @@ TRAFFIC_PATHS = (
     "/",
     "/api/coocook/chefs",
     "/api/coocook/bookings",
-    "/api/does-not-exist",  # 404: gives softfactory_errors_total data
+    "/api/users/active",  # sets softfactory_active_users
+    "/api/does-not-exist",  # 404: softfactory_errors_total
+    "/api/error",  # 500
 )
 
 

@@ -269,3 +269,47 @@ def test_missing_multiproc_dir_fails_at_start_naming_it(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert str(missing) in result.stderr.decode()
+
+
+def test_apps_own_prometheus_client_metrics_share_the_scrape(server_factory: object) -> None:
+    srv: Server = server_factory("-w", "3")  # type: ignore[operator]
+    srv.wait_workers(3)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: get(srv.base + "/pc"), range(90)))
+    samples = scrape(srv.base)
+
+    assert total(samples, "app_pc_events_total") == 90
+    assert total(samples, "softfactory_requests_total", path="/pc") == 90
+
+
+def test_private_directory_is_used_when_the_variable_is_unset(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["SFMON_LOG_DIR"] = str(tmp_path / "logs")
+    proc = Proc(
+        [
+            gunicorn_bin(),
+            "-c",
+            str(ROOT / "gunicorn.conf.py"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "2",
+            "tests.apps.wsgi_app:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        log=tmp_path / "gunicorn.log",
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/api/metrics/live", proc=proc)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: get(base + "/pc"), range(40)))
+        samples = scrape(base)
+    finally:
+        proc.stop()
+
+    assert total(samples, "softfactory_requests_total", path="/pc") == 40
+    assert total(samples, "app_pc_events_total") == 40

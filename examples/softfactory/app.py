@@ -91,6 +91,11 @@ def db() -> sqlite3.Connection:
 
 def create_app() -> Flask:
     init_db()
+    # Series exist from the start, so increase() sees the first failure and a missing
+    # backup shows as an old timestamp rather than no data.
+    payments_failed.labels("card_declined").inc(0)
+    backup_file = DB_PATH.with_suffix(".backup")
+    last_backup.set(backup_file.stat().st_mtime if backup_file.exists() else 0)
     app = Flask(__name__)
 
     @app.teardown_appcontext

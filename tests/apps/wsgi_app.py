@@ -8,7 +8,13 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qs
 
+from prometheus_client import Counter
+
 import sfmon
+
+# The app's own prometheus_client metric: multiprocess mode, since gunicorn.conf.py
+# exported PROMETHEUS_MULTIPROC_DIR before this module was imported in the worker.
+pc_events = Counter("app_pc_events", "Events counted with prometheus_client itself")
 
 injected = sfmon.histogram(
     "test_injected_ms", "Known values observed by the test app", native=True
@@ -38,6 +44,11 @@ def app(environ, start_response):  # type: ignore[no-untyped-def]
 
         start_response("200 OK", [("Content-Type", "text/plain")])
         return body()
+    if path == "/pc":
+        environ["sfmon.route"] = "/pc"
+        pc_events.inc()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"counted\n"]
     if path == "/observe":
         environ["sfmon.route"] = "/observe"
         injected.observe(ms)
