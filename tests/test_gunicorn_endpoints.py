@@ -129,7 +129,7 @@ def test_ab_10000_requests_on_health_without_failures(tmp_path: Path) -> None:
     srv = demo(tmp_path, workers=4)
     try:
         out = subprocess.run(
-            [ab, "-q", "-n", "10000", "-c", "100", srv.base + "/api/metrics/health"],
+            [ab, "-q", "-l", "-n", "10000", "-c", "100", srv.base + "/api/metrics/health"],
             capture_output=True,
             text=True,
             timeout=300,
