@@ -53,7 +53,7 @@ def _check_dir(env: dict[str, str]) -> list[Finding]:
 
 
 def _check_store(directory: str) -> list[Finding]:
-    from .merge import StoreReader
+    from .merge import StoreReader, _pid_exists
     from .store import read_service_meta
 
     if not os.path.isdir(directory):
@@ -103,7 +103,7 @@ def _check_store(directory: str) -> list[Finding]:
                 f"{', '.join(snap.files_skipped[:5])}.",
             )
         )
-    if master is not None and not snap.workers and not _alive(int(master)):
+    if master is not None and not snap.workers and not _pid_exists(int(master)):
         out.append(
             (
                 WARN,
@@ -114,16 +114,6 @@ def _check_store(directory: str) -> list[Finding]:
     if not out:
         out.append((OK, f"store: {snap.files_read} file(s), {len(snap.workers)} live worker(s)."))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_config(path: str) -> list[Finding]:

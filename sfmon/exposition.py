@@ -8,7 +8,6 @@ format from ``Accept`` (protobuf only when asked for) and gzips when allowed.
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from .merge import HistogramValue, Snapshot, StoreReader, fold_dead_workers
+from .merge import Snapshot, StoreReader, fold_dead_workers
 from .store import VALUE_SCALE
 
 __all__ = ["StoreCollector", "build_registry", "render"]
@@ -209,20 +208,3 @@ def render(
         headers.append(("Content-Encoding", "gzip"))
     headers.append(("Content-Length", str(len(body))))
     return body, headers
-
-
-def histogram_value_quantile(hv: HistogramValue, q: float) -> float:
-    """Estimate quantile *q* from classic buckets (linear within a bucket, as PromQL)."""
-    total = hv.count
-    if total == 0:
-        return math.nan
-    rank = q * total
-    lower, acc = 0.0, 0
-    for bound, n in zip((*hv.bounds, math.inf), hv.buckets):
-        if acc + n >= rank and n:
-            if bound == math.inf:
-                return lower
-            return lower + (bound - lower) * (rank - acc) / n
-        acc += n
-        lower = bound
-    return lower

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,15 @@ def _clean_sfmon_env() -> Iterator[None]:
     for k in [k for k in os.environ if k.startswith("SFMON_")]:
         del os.environ[k]
     os.environ.update(saved)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Iterator[str]:
+    """A fresh store directory for this process's writer (reset afterwards)."""
+    from sfmon import store
+
+    d = str(tmp_path / "store")
+    os.makedirs(d)
+    store.reset_for_tests(d)
+    yield d
+    store.reset_for_tests(None)

@@ -6,33 +6,18 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.test import Client as _Client
+from support import BufferedClient as Client
 
 import sfmon
-from sfmon import readiness, store
+from sfmon import readiness
 from sfmon.health import CheckRunner, human_duration
 
 _ns = itertools.count()
-
-
-class Client(_Client):
-    def open(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("buffered", True)
-        return super().open(*args, **kwargs)
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Iterator[str]:
-    d = str(tmp_path / "store")
-    os.makedirs(d)
-    store.reset_for_tests(d)
-    yield d
-    store.reset_for_tests(None)
 
 
 def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

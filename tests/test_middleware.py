@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import string
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
 import pytest
-from werkzeug.test import Client as _Client
+from support import BufferedClient as Client
 
 import sfmon
 from sfmon import store
@@ -21,23 +19,6 @@ from sfmon.merge import HistogramValue, StoreReader
 from sfmon.request_id import current_request_id, get_request_id
 
 _ns = itertools.count()
-
-
-class Client(_Client):
-    """A test client that reads and closes every body, as a server does."""
-
-    def open(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("buffered", True)
-        return super().open(*args, **kwargs)
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Iterator[str]:
-    d = str(tmp_path / "store")
-    os.makedirs(d)
-    store.reset_for_tests(d)
-    yield d
-    store.reset_for_tests(None)
 
 
 def monitor(app: Any, **options: Any) -> sfmon.Monitor:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +9,7 @@ from metrics_pb import parse_delimited
 from werkzeug.test import Client
 
 import sfmon
-from sfmon import native, store
+from sfmon import native
 
 PROTO_ACCEPT = (
     "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
@@ -23,15 +20,6 @@ PLAIN_PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
     "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 )
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Iterator[str]:
-    d = str(tmp_path / "store")
-    os.makedirs(d)
-    store.reset_for_tests(d)
-    yield d
-    store.reset_for_tests(None)
 
 
 LATENCIES = {"/a": 3.0, "/b": 250.0}

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sfmon import merge, metrics, store
 from sfmon.merge import HistogramValue, StoreReader, fold_dead_workers
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Iterator[str]:
-    d = str(tmp_path / "store")
-    os.makedirs(d)
-    store.reset_for_tests(d)
-    yield d
-    store.reset_for_tests(None)
-
 
 _n = [0]
 
