@@ -124,8 +124,8 @@ def make_dead_workers(directory: str, dead: int, series: int) -> None:
 
 def bench_scrape(sizes: list[tuple[int, int]], repeats: int) -> None:
     from sfmon import store
+    from sfmon.compact import fold_dead_workers
     from sfmon.exposition import StoreCollector, build_registry, render
-    from sfmon.merge import fold_dead_workers
     from sfmon.protobuf_exposition import protobuf_body
 
     PROTO = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"

@@ -53,7 +53,8 @@ def _check_dir(env: dict[str, str]) -> list[Finding]:
 
 
 def _check_store(directory: str) -> list[Finding]:
-    from .merge import StoreReader, _pid_exists
+    from .compact import pid_exists
+    from .merge import StoreReader
     from .store import read_service_meta
 
     if not os.path.isdir(directory):
@@ -103,7 +104,7 @@ def _check_store(directory: str) -> list[Finding]:
                 f"{', '.join(snap.files_skipped[:5])}.",
             )
         )
-    if master is not None and not snap.workers and not _pid_exists(int(master)):
+    if master is not None and not snap.workers and not pid_exists(int(master)):
         out.append(
             (
                 WARN,

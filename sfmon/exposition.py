@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -21,7 +22,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from .merge import Snapshot, StoreReader, fold_dead_workers
+from .compact import fold_dead_workers
+from .merge import Snapshot, StoreReader
 from .store import VALUE_SCALE
 
 __all__ = ["StoreCollector", "build_registry", "render"]
@@ -69,6 +71,26 @@ class StoreCollector(Collector):
         for extra in self.extra:
             yield from extra()
         yield from self_metrics(snap, time.perf_counter() - started)
+        yield GaugeMetricFamily(
+            "sfmon_store_writable",
+            "1 if a file can be created in the store directory (new workers can record).",
+            value=_writable(self.directory),
+        )
+
+
+def _writable(directory: str) -> bool:
+    # A read-only or full store goes unnoticed by running workers (their files are
+    # mapped already); new workers then record nothing. Probe it once per scrape.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    return True
 
 
 def families_from_snapshot(snap: Snapshot) -> Iterator[Metric]:

@@ -98,9 +98,12 @@ def post_worker_init(worker: Any) -> None:
     worker.wsgi = wrap_app(worker.wsgi)
     from . import readiness, system
 
-    directory = store.store_directory()
-    readiness.install_drain_handler(directory)
-    system.claim_slot(directory)
+    try:
+        directory = store.store_directory()
+        readiness.install_drain_handler(directory)
+        system.claim_slot(directory)
+    except OSError as exc:  # a broken store must never fail the boot (gunicorn would halt)
+        print(f"sfmon: worker {worker.pid} has no worker slot: {exc!r}", file=sys.stderr)
 
 
 def wrap_app(app: Any) -> Any:
@@ -115,7 +118,7 @@ def wrap_app(app: Any) -> Any:
 
 def child_exit(server: Any, worker: Any) -> None:
     """Fold the exited worker's store file into the archive (in the master)."""
-    from .merge import fold_dead_workers
+    from .compact import fold_dead_workers
 
     directory = store.store_directory()
     prefix = f"{store.WORKER_PREFIX}{worker.pid}-"

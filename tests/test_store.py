@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sfmon import merge, metrics, store
-from sfmon.merge import HistogramValue, StoreReader, fold_dead_workers
+from sfmon.compact import fold_dead_workers
+from sfmon.merge import HistogramValue, StoreReader
 
 _n = [0]
 
