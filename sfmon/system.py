@@ -138,32 +138,41 @@ def snapshot() -> tuple[list[ProcessFigures], float]:
     path = os.path.join(store.store_directory(), SAMPLE_FILE)
     now = time.monotonic()
     wall = time.time()
-    times = _cpu_times(procs)
     previous = _read_sample(path)
     age = None if previous is None else wall - float(previous.get("wall", 0))
-    if previous is None or age is None or not MIN_INTERVAL <= age <= MAX_AGE:
-        time.sleep(FRESH_INTERVAL)
-        before, times = times, _cpu_times(procs)
-        elapsed = time.monotonic() - now
-        wall = time.time()
+    cached: dict[int, float] | None = None
+    if previous is not None and age is not None and 0 <= age < MIN_INTERVAL:
+        # Too soon for a meaningful delta: reuse the percentages of the last sample.
+        cached = {int(k): float(v) for k, v in previous.get("percents", {}).items()}
     else:
-        before = {int(k): float(v) for k, v in previous.get("times", {}).items()}
-        elapsed = age
-    _write_sample(path, {"wall": wall, "times": times})
+        times = _cpu_times(procs)
+        if previous is None or age is None or age > MAX_AGE:
+            time.sleep(FRESH_INTERVAL)
+            before, times = times, _cpu_times(procs)
+            elapsed = time.monotonic() - now
+            wall = time.time()
+        else:
+            before = {int(k): float(v) for k, v in previous.get("times", {}).items()}
+            elapsed = age
     ncpu = psutil.cpu_count() or 1
     figures = []
-    total_cpu = 0.0
+    percents: dict[int, float] = {}
     for p in procs:
         try:
             mem = p.memory_info()
             mem_pct = p.memory_percent()
         except psutil.Error:
             continue
-        used = times.get(p.pid, 0.0) - before.get(p.pid, times.get(p.pid, 0.0))
-        pct = max(0.0, used / elapsed * 100.0) if elapsed > 0 else 0.0
-        total_cpu += pct
+        if cached is not None:
+            pct = cached.get(p.pid, 0.0)
+        else:
+            used = times.get(p.pid, 0.0) - before.get(p.pid, times.get(p.pid, 0.0))
+            pct = max(0.0, used / elapsed * 100.0) if elapsed > 0 else 0.0
+        percents[p.pid] = pct
         figures.append(ProcessFigures(p.pid, mem.rss, mem.vms, mem_pct, pct))
-    return figures, total_cpu / ncpu
+    if cached is None:
+        _write_sample(path, {"wall": wall, "times": times, "percents": percents})
+    return figures, sum(percents.values()) / ncpu
 
 
 def disk_free_ratio(path: str) -> float:

@@ -168,6 +168,10 @@ def test_exact_counts_under_worker_recycling(server_factory: object) -> None:
     assert max_files <= 4 + 1 + 4
     assert len(srv.store_files()) <= 4 + 1
     recycled = scrape_seconds(srv.base)
+    print(
+        f"\nrecycling: {n} requests, {folded:.0f} workers folded, max {max_files} store "
+        f"files, scrape {fresh * 1000:.2f} ms fresh vs {recycled * 1000:.2f} ms recycled"
+    )
     assert recycled <= 2 * fresh + 0.005, (fresh, recycled)
 
 

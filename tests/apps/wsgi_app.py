@@ -14,7 +14,8 @@ import sfmon
 
 # The app's own prometheus_client metric: multiprocess mode, since gunicorn.conf.py
 # exported PROMETHEUS_MULTIPROC_DIR before this module was imported in the worker.
-pc_events = Counter("app_pc_events", "Events counted with prometheus_client itself")
+# Labelled, so prometheus_client creates its file only in workers that count something.
+pc_events = Counter("app_pc_events", "Events counted with prometheus_client itself", ["kind"])
 
 injected = sfmon.histogram(
     "test_injected_ms", "Known values observed by the test app", native=True
@@ -46,7 +47,7 @@ def app(environ, start_response):  # type: ignore[no-untyped-def]
         return body()
     if path == "/pc":
         environ["sfmon.route"] = "/pc"
-        pc_events.inc()
+        pc_events.labels("test").inc()
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"counted\n"]
     if path == "/observe":
