@@ -163,7 +163,10 @@ def build_registry(collector: StoreCollector) -> CollectorRegistry:
     if mp_dir and os.path.isdir(mp_dir):
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        MultiProcessCollector(registry, path=mp_dir)  # type: ignore[no-untyped-call]
+        from .pcfold import LockedCollector
+
+        mpc = MultiProcessCollector(None, path=mp_dir)  # type: ignore[no-untyped-call]
+        registry.register(LockedCollector(mpc, collector.directory))
     else:
         from prometheus_client import REGISTRY
 

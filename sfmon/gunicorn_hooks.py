@@ -134,8 +134,14 @@ def child_exit(server: Any, worker: Any) -> None:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(worker.pid, path)  # type: ignore[no-untyped-call]
-        except Exception:
-            pass
+            from .pcfold import fold_prometheus_client_files
+
+            fold_prometheus_client_files(path, worker.pid, directory)
+        except Exception as exc:
+            print(
+                f"sfmon: folding prometheus_client files of {worker.pid} failed: {exc!r}",
+                file=sys.stderr,
+            )
 
 
 def worker_int(worker: Any) -> None:

@@ -317,3 +317,18 @@ def test_private_directory_is_used_when_the_variable_is_unset(tmp_path: Path) ->
 
     assert total(samples, "softfactory_requests_total", path="/pc") == 40
     assert total(samples, "app_pc_events_total") == 40
+
+
+def test_prometheus_client_files_of_dead_workers_are_folded(server_factory: object) -> None:
+    """The app's own prometheus_client files stay bounded too, with exact totals."""
+    srv: Server = server_factory("-w", "2", "--max-requests", "10")  # type: ignore[operator]
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: get(srv.base + "/pc"), range(300)))
+    time.sleep(1.0)
+    samples = scrape(srv.base)
+    db_files = [n for n in os.listdir(srv.mpdir) if n.endswith(".db")]
+
+    assert total(samples, "app_pc_events_total") == 300
+    assert len([n for n in db_files if n.startswith("counter_")]) <= 2 + 1 + 2
+    assert "counter_archive.db" in db_files
