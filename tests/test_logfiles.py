@@ -247,8 +247,8 @@ def test_four_processes_rotating_every_second_lose_nothing(tmp_path: Path) -> No
     periods = _Periods("midnight", 1.0, True)
     assert len(result["files"]) >= 4  # at least three rotations happened
     for name, lines in result["files"].items():
-        if name == "app.log":
-            continue
+        if name == "app.log" or not lines:
+            continue  # a period in which a loaded machine wrote nothing leaves an empty file
         index = periods.parse(name[len("app.log.") :])
         assert index is not None, name
         end = periods.start(index + 1)
