@@ -14,7 +14,7 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from .logfiles import record_write_failure
+from .logfiles import DailyRotatingFileHandler, record_write_failure
 from .logs import (
     ACCESS_LOGGER,
     ERROR_LOGGER,
@@ -27,11 +27,6 @@ from .record import RequestRecord
 __all__ = ["AccessLogSink"]
 
 _esc: Callable[[str], str] = encode_basestring_ascii
-_TEMPLATE = (
-    '{"timestamp":"%s.%03dZ","level":"%s","logger":%s,"message":"Request completed: %d",'
-    '"request_id":%s,"method":%s,"path":%s,"route":%s,"status":%d,"content_length":%d,'
-    '"latency_ms":%s,"user_id":%s'
-)
 _OPTIONAL = ("trace_id", "ttfb_ms", "client_addr", "exception")
 
 _TRUNCATED = "...[truncated]"
@@ -231,27 +226,31 @@ class AccessLogSink:
         rid = r.request_id
         user = r.user_id
         latency = r.latency_ms
-        text = _TEMPLATE % (
-            ts[1],
-            int((now - sec) * 1000),
-            "ERROR" if status >= 500 else "INFO",
-            self._logger_js,
-            status,
-            _esc(rid) if type(rid) is str and len(rid) <= 128 else _js(rid, 128),
-            method_js or _js(method, 32),
-            _esc(path),
-            route_js,
-            status,
-            r.content_length if type(r.content_length) is int else int(r.content_length),
-            # ".3f" parses back to exactly round(x, 3), at a third of the cost.
+        rid_js = _esc(rid) if type(rid) is str and len(rid) <= 128 else _js(rid, 128)
+        length = r.content_length
+        if type(length) is not int:
+            length = int(length)
+        # ".3f" parses back to exactly round(x, 3), at a third of the cost.
+        latency_js = (
             f"{latency:.3f}"
             if type(latency) is float and latency - latency == 0.0
-            else _num(latency),
-            "null"
-            if user is None
-            else _esc(user)
-            if type(user) is str and len(user) <= self.max_value_length
-            else _js(user, self.max_value_length),
+            else _num(latency)
+        )
+        if user is None:
+            user_js = "null"
+        elif type(user) is str and len(user) <= self.max_value_length:
+            user_js = _esc(user)
+        else:
+            user_js = _js(user, self.max_value_length)
+        # An f-string (one BUILD_STRING) costs three quarters of the same "%" template;
+        # status and content_length are exact ints here, so {x} is what %d gave.
+        text = (
+            f'{{"timestamp":"{ts[1]}.{int((now - sec) * 1000):03d}Z",'
+            f'"level":"{"ERROR" if status >= 500 else "INFO"}","logger":{self._logger_js},'
+            f'"message":"Request completed: {status}","request_id":{rid_js},'
+            f'"method":{method_js or _js(method, 32)},"path":{_esc(path)},"route":{route_js},'
+            f'"status":{status},"content_length":{length},"latency_ms":{latency_js},'
+            f'"user_id":{user_js}'
         )
         if r.trace_id is not None:
             text += ',"trace_id":' + _js(r.trace_id, 64)
@@ -290,6 +289,8 @@ class AccessLogSink:
             logger.handle(self._make_record(self.fields(record, now), levelno, now))
             return
         body: str | None = None
+        data: bytes | None = None  # the line as sfmon's file handlers write it
+        data_static: str | None = None
         log_record: logging.LogRecord | None = None
         found = 0
         current: logging.Logger | None = logger
@@ -312,7 +313,15 @@ class AccessLogSink:
                 ):
                     if body is None:
                         body = self._body(record, now)
-                    write(body + fmt.static_json + "}")
+                    static = fmt.static_json
+                    if type(handler) is DailyRotatingFileHandler:
+                        # What its write_json_line does, encoded once for all such files.
+                        if data is None or static is not data_static:
+                            data = (body + static + "}\n").encode("utf-8", "backslashreplace")
+                            data_static = static
+                        handler.file.write(data)
+                    else:
+                        write(body + static + "}")
                 else:
                     if log_record is None:
                         log_record = self._make_record(self.fields(record, now), levelno, now)

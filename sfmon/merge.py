@@ -57,6 +57,13 @@ def locked(directory: str, exclusive: bool) -> Iterator[None]:
         print(f"sfmon: store directory {directory} vanished; recreated", file=sys.stderr)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        if exclusive:
+            raise
+        # A read-only store: no fold can run there (it writes the archive), so a
+        # reader needs no lock.
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield

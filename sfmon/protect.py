@@ -49,13 +49,16 @@ def client_address(environ: WSGIEnvironment, trusted: list[Network]) -> str:
 
 
 def _refuse(
-    start_response: StartResponse, status: str, extra: list[tuple[str, str]]
+    start_response: StartResponse,
+    status: str,
+    extra: list[tuple[str, str]],
+    environ: WSGIEnvironment,
 ) -> list[bytes]:
     body = b'{"error": "' + status.split(" ", 1)[1].lower().encode() + b'"}'
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra]
     )
-    return [body]
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 def guard(settings: Settings, handler: Handler) -> Handler:
@@ -69,7 +72,7 @@ def guard(settings: Settings, handler: Handler) -> Handler:
 
     def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if allow and not _in(client_address(environ, trusted), allow):
-            return _refuse(start_response, "403 Forbidden", [])
+            return _refuse(start_response, "403 Forbidden", [], environ)
         if token is not None:
             given = str(environ.get("HTTP_AUTHORIZATION", "")).encode("utf-8", "replace")
             # Constant-time comparison: the time taken says nothing about the token.
@@ -78,6 +81,7 @@ def guard(settings: Settings, handler: Handler) -> Handler:
                     start_response,
                     "401 Unauthorized",
                     [("WWW-Authenticate", 'Bearer realm="sfmon"')],
+                    environ,
                 )
         return handler(environ, start_response)
 

@@ -28,8 +28,8 @@ _local_draining = False
 
 
 def _touch(directory: str, name: str) -> None:
-    with open(os.path.join(directory, name), "w"):
-        pass
+    # 0600 like every file of the store, whatever the umask.
+    os.close(os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def reset(directory: str) -> None:

@@ -12,6 +12,7 @@ import contextvars
 import itertools
 import os
 import re
+from collections.abc import Iterator
 
 __all__ = [
     "REQUEST_ID_PATTERN",
@@ -42,18 +43,21 @@ current_user_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def _new_generator() -> tuple[str, itertools.count[int]]:
+def _new_generator() -> Iterator[str]:
     # 64 random bits per process + a counter: unique within the process by the
-    # counter, across processes (and forked workers) by the random half.
-    return os.urandom(8).hex(), itertools.count(int.from_bytes(os.urandom(4), "big"))
+    # counter, across processes (and forked workers) by the random half. The counter
+    # starts below 2**32, so it stays within its 16 hex digits. All in C: one next()
+    # per id, no Python frame.
+    template = os.urandom(8).hex() + "%016x"
+    return map(template.__mod__, itertools.count(int.from_bytes(os.urandom(4), "big")))
 
 
-_prefix, _counter = _new_generator()
+_ids = _new_generator()
 
 
 def _after_fork() -> None:
-    global _prefix, _counter
-    _prefix, _counter = _new_generator()
+    global _ids
+    _ids = _new_generator()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -76,7 +80,7 @@ def new_request_id() -> str:
     never repeat within a process and collide across processes only with 2**-64
     odds; about 5x cheaper than ``uuid.uuid4().hex``.
     """
-    return _prefix + "%016x" % (next(_counter) & 0xFFFFFFFFFFFFFFFF)
+    return next(_ids)
 
 
 def is_valid_request_id(value: str) -> bool:

@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +69,8 @@ ARCHIVE_NAME = "archive" + SUFFIX
 LOCK_NAME = "lock"
 META_NAME = "service.json"
 INITIAL_SIZE = 1 << 16
+# Seconds between checks that a writer's file is still linked (see Writer.check).
+CHECK_INTERVAL = 1.0
 assert HEADER.size <= HEADER_SIZE
 
 _USED_SLOT = 2  # header word holding the used-bytes count (byte offset 16)
@@ -174,6 +177,52 @@ class Writer:
         self.q = memoryview(self._mm).cast("q")
         self.d = memoryview(self._mm).cast("d")
         self.used = HEADER_SIZE
+        self.check_at = time.perf_counter() + CHECK_INTERVAL
+        self.check_failed = False
+
+    def check(self, now: float) -> None:
+        """Put this file back if it was deleted (``rm -rf``, a tmp cleaner); never raises.
+
+        The mapping still holds every count of this process, so they are written to a
+        new file under the same name. Cheap: one ``fstat`` per ``CHECK_INTERVAL``
+        (*now* is ``time.perf_counter()``).
+        """
+        self.check_at = now + CHECK_INTERVAL
+        try:
+            if os.fstat(self._fd).st_nlink:
+                return
+            with self.lock:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
+                try:
+                    with open(fd, "wb", closefd=False) as f:
+                        f.write(self._mm[: self.used])
+                    os.ftruncate(fd, self._size)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    os.close(fd)
+                    os.unlink(tmp)
+                    raise
+                self.q.release()
+                self.d.release()
+                self._mm.close()
+                os.close(self._fd)
+                self._fd = fd
+                self._mm = mmap.mmap(fd, self._size)
+                self.q = memoryview(self._mm).cast("q")
+                self.d = memoryview(self._mm).cast("d")
+        except Exception as exc:
+            if not self.check_failed:
+                self.check_failed = True
+                print(f"sfmon: cannot recreate deleted {self.path}: {exc!r}", file=sys.stderr)
+            return
+        print(f"sfmon: store file {self.path} was deleted; recreated", file=sys.stderr)
+        from .metrics import counter
+
+        counter(
+            "sfmon_store_files_recreated_total",
+            "Store files recreated after being deleted under a running worker.",
+        ).inc()
 
     # -- allocation (callers hold self.lock) ------------------------------------
 
