@@ -93,7 +93,7 @@ class Settings:
     check_ttl: float = _opt(5.0, _env_float)
     stats: Callable[[], Mapping[str, float]] | None = _opt(None, None)
     stats_ttl: float = _opt(30.0, _env_float)
-    metrics_token: str | None = _opt(None)
+    metrics_token: str | None = field(default=None, repr=False, metadata={"env": _env_str})
     metrics_allow: tuple[str, ...] = _opt((), _env_list)
     trusted_proxies: tuple[str, ...] = _opt((), _env_list)
     log_dir: str | None = _opt(None)

@@ -360,3 +360,10 @@ def test_nested_monitor_counts_once(store_dir: str) -> None:
 
     assert series(store_dir, f"{outer.settings.namespace}_requests_total") != {}
     assert series(store_dir, f"{inner.settings.namespace}_requests_total") == {}
+
+
+def test_settings_repr_hides_the_token() -> None:
+    m = sfmon.Monitor(hello, namespace="reprtok", access_log=False, metrics_token="hunter2-secret")
+
+    assert "hunter2-secret" not in repr(m.settings)
+    assert m.settings.metrics_token == "hunter2-secret"
