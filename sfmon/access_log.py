@@ -242,31 +242,32 @@ class AccessLogSink:
             user_js = _esc(user)
         else:
             user_js = _js(user, self.max_value_length)
+        # The optional keys, usually "" or a short piece, so the line is built once.
+        trace_js = "" if r.trace_id is None else ',"trace_id":' + _js(r.trace_id, 64)
+        ttfb = r.ttfb_ms
+        ttfb_js = ""
+        if ttfb is not None:
+            if type(ttfb) is float and ttfb - ttfb == 0.0:
+                ttfb_js = f',"ttfb_ms":{ttfb:.3f}'
+            elif _number(ttfb) is not None:
+                ttfb_js = ',"ttfb_ms":' + _num(ttfb)
+        addr = r.client_addr
+        addr_js = ""
+        if addr and self.log_client_addr:
+            ok = type(addr) is str and len(addr) <= 64
+            addr_js = ',"client_addr":' + (_esc(addr) if ok else _js(addr, 64))
+        exc = r.exception
+        exc_js = "" if exc is None else ',"exception":' + _js(exc, self.max_value_length)
         # An f-string (one BUILD_STRING) costs three quarters of the same "%" template;
         # status and content_length are exact ints here, so {x} is what %d gave.
-        text = (
+        return (
             f'{{"timestamp":"{ts[1]}.{int((now - sec) * 1000):03d}Z",'
             f'"level":"{"ERROR" if status >= 500 else "INFO"}","logger":{self._logger_js},'
             f'"message":"Request completed: {status}","request_id":{rid_js},'
             f'"method":{method_js or _js(method, 32)},"path":{_esc(path)},"route":{route_js},'
             f'"status":{status},"content_length":{length},"latency_ms":{latency_js},'
-            f'"user_id":{user_js}'
+            f'"user_id":{user_js}{trace_js}{ttfb_js}{addr_js}{exc_js}'
         )
-        if r.trace_id is not None:
-            text += ',"trace_id":' + _js(r.trace_id, 64)
-        ttfb = r.ttfb_ms
-        if ttfb is not None:
-            if type(ttfb) is float and ttfb - ttfb == 0.0:
-                text += f',"ttfb_ms":{ttfb:.3f}'
-            elif _number(ttfb) is not None:
-                text += ',"ttfb_ms":' + _num(ttfb)
-        addr = r.client_addr
-        if addr and self.log_client_addr:
-            ok = type(addr) is str and len(addr) <= 64
-            text += ',"client_addr":' + (_esc(addr) if ok else _js(addr, 64))
-        if r.exception is not None:
-            text += ',"exception":' + _js(r.exception, self.max_value_length)
-        return text
 
     def __call__(self, record: RequestRecord) -> None:
         try:
