@@ -259,6 +259,7 @@ def throughput(
                 base = measure(bare) if bare is not None else None
                 mine = measure(s)
                 if base is not None:
+                    mine["paired_rps"] = base["rps"]
                     paired.setdefault(s.variant.key, []).append((mine, base))
             if not others:
                 for s in servers:
@@ -368,7 +369,7 @@ def print_tables(data: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--exact-n", type=int, default=4000)
     ap.add_argument("--max-requests", type=int, default=300)
