@@ -73,6 +73,8 @@ class Server:
         self, variant: peers.Variant, root: str, *, workers: int = 2, max_requests: int = 0
     ) -> None:
         self.variant = variant
+        self.workers_wanted = workers
+        self.max_requests = max_requests
         self.dir = os.path.join(root, variant.key.replace("/", "-"))
         self.ctx = peers.Context(self.dir)
         self.port = free_port()
@@ -129,10 +131,13 @@ class Server:
         raise RuntimeError(f"gunicorn for {self.variant.key} not ready: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        try:
-            return Path(self.dir, "stdout.log").read_text()[-2000:]
-        except OSError:
-            return ""
+        out = []
+        for name in ("stdout.log", "gunicorn.log"):
+            try:
+                out.append(Path(self.dir, name).read_text()[-2000:])
+            except OSError as exc:
+                out.append(f"({name}: {exc})")
+        return "\n".join(out)
 
     def workers(self) -> list[Any]:
         import psutil
@@ -187,6 +192,29 @@ class Server:
         self.out.close()
 
 
+def ready(server: Server) -> Server:
+    """Wait for *server*; if it died starting (its free port taken meanwhile, say), start
+    it once more on another port."""
+    try:
+        server.wait_ready()
+        return server
+    except RuntimeError as exc:
+        print(f"note: {exc}\nstarting it again", file=sys.stderr)
+        server.stop()
+        again = Server(
+            server.variant,
+            os.path.join(os.path.dirname(server.dir), "again"),
+            workers=server.workers_wanted,
+            max_requests=server.max_requests,
+        )
+        try:
+            again.wait_ready()
+        except BaseException:
+            again.stop()
+            raise
+        return again
+
+
 def wrk(url: str, duration: int, connections: int, threads: int = 2) -> dict[str, Any]:
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", url],
@@ -234,8 +262,8 @@ def throughput(
         for v in chosen:
             servers.append(Server(v, root))
         sent = {s.variant.key: 0 for s in servers}
-        for s in servers:
-            s.wait_ready()
+        for i, s in enumerate(servers):
+            s = servers[i] = ready(s)
             sent[s.variant.key] += 1 + wrk(s.url, 1, connections)["requests"]  # warm-up
         by_key = {s.variant.key: s for s in servers}
         runs: dict[str, list[dict[str, Any]]] = {s.variant.key: [] for s in servers}
@@ -303,7 +331,7 @@ def exactness(
     for v in chosen:
         s = Server(v, os.path.join(root, "exact"), max_requests=max_requests)
         try:
-            s.wait_ready()
+            s = ready(s)
             # wait_ready's probe is counted too, once the server has closed it (after the
             # client has its response): wait for it before taking it off.
             store = os.path.join(s.ctx.mp, "sfmon")
