@@ -6,6 +6,12 @@ updates the request metrics in the multiprocess store and becomes one
 :class:`~sfmon.record.RequestRecord` for the sinks (the JSON access log is one).
 Monitoring never changes a response: app exceptions are recorded and re-raised
 unchanged, and sfmon's own failures are counted and swallowed.
+
+The per-request path exists twice: in Python here (:class:`PureMonitor`,
+:class:`_PyCall`) and in C (``sfmon/_speedups.c``), which :class:`Monitor` uses when it
+was built. The C code handles the common case only (a sync worker, a request that ended
+below 400 with its route known, ...) and calls the Python functions below for every
+other case, so those stay the one reference; the tests run both on the same inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import metrics, routes, store
+from . import metrics, native, routes, store
+from ._accel import speedups
 from .config import Settings
 from .record import RequestRecord
 from .request_id import (
@@ -31,14 +38,14 @@ if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "PureMonitor"]
 
 _SCALE = store.VALUE_SCALE
 _perf = time.perf_counter
 _NO_SLOTS = (-1, -1, -1)
 
 
-class Monitor:
+class _MonitorLogic:
     """Wrap a WSGI app with request ids, request metrics, access logs and endpoints.
 
     :param app: any WSGI callable (a Flask app, ``app.wsgi_app``, Django's
@@ -119,10 +126,25 @@ class Monitor:
         from .adapters import flask as flask_adapter
 
         flask_adapter.install(app)
+        if speedups is not None and isinstance(self, speedups.MonitorBase):
+            latency = self.latency
+            schema = latency.native_schema if latency.indexer is not None else 0
+            self._set_histogram(
+                latency.bounds,
+                latency.indexer is not None,
+                native._fractions(schema) if schema > 0 else (),
+                schema,
+                native.overflow_index(schema),
+                latency.zero_threshold,
+            )
+            self._fast = True
+
+    #: The type of the object that follows one request (C or Python).
+    _call_type: Any = None
 
     # -- the WSGI call ---------------------------------------------------------------
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def _call_py(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if "sfmon.monitor" in environ:
             # An outer Monitor already handles this request: never count it twice.
             return self.app(environ, start_response)
@@ -143,7 +165,7 @@ class Monitor:
             if rejected:
                 self._safe(metrics.request_ids_rejected.inc)
         environ["sfmon.request_id"] = rid
-        call = _Response(self, environ, start_response, rid, started, counted)
+        call = self._call_type(self, environ, start_response, rid, started, counted)
         tp = environ.get("HTTP_TRACEPARENT")
         if tp is not None:
             call.trace_id = parse_traceparent(tp)
@@ -182,7 +204,7 @@ class Monitor:
         except Exception as exc:  # metrics must never fail a request
             metrics._report_store_failure(exc)
 
-    def _enter(self, call: _Response, environ: WSGIEnvironment) -> None:
+    def _enter(self, call: _Call, environ: WSGIEnvironment) -> None:
         try:
             # The fork hook clears store._writer in a child, so no pid check is needed here.
             w = store._writer or store.get_writer()
@@ -230,7 +252,7 @@ class Monitor:
         return entry
 
     def record(
-        self, call: _Response, method: str, route: str, status: int, latency_ms: float
+        self, call: _Call, method: str, route: str, status: int, latency_ms: float
     ) -> None:
         """Add one finished request to the store (hot path: a few slot adds)."""
         w = call.writer
@@ -271,7 +293,7 @@ class Monitor:
 _STANDARD_METHODS = routes.STANDARD_METHODS
 
 
-class _Response:
+class _PyCall:
     """One request in flight: wraps ``start_response`` and the body; ``close()`` ends it.
 
     The body is passed through unbuffered; a list body is handed to the server as is.
@@ -337,18 +359,9 @@ class _Response:
         except (KeyError, TypeError):
             self.status = _status_code(status)
         monitor = self.monitor
-        lower = monitor._header_lower
-        size = len(lower)
-        try:
-            # Exactly one X-Request-Id, ours; the app's list is never mutated. Comparing
-            # lengths first keeps the common case (no such header) cheap.
-            for name, _ in headers:
-                if len(name) == size and name.lower() == lower:
-                    headers = [h for h in headers if h[0].lower() != lower]
-                    break
-            headers = [*headers, (monitor._header, self.request_id)]
-        except Exception:
-            pass  # malformed headers go to the server untouched; it will report them
+        headers = _with_request_id(
+            headers, monitor._header_lower, monitor._header, self.request_id
+        )
         self._write = self._start_response(status, headers, exc_info)
         return self.write
 
@@ -404,100 +417,140 @@ class _Response:
             self.finish()
 
     def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        latency_ms = (_perf() - self.started) * 1000.0
-        monitor = self.monitor
-        environ = self.environ
-        status = self.status
-        exc_name = None
-        if self.error is not None:
-            status = 500
-            exc_name = self.error[0].__name__ if self.error[0] else None
-        elif self.iterating and not self.exhausted:
-            status = 499  # the server stopped reading the body: the client went away
-        elif status == 0:
-            status = 500  # the app returned without ever calling start_response
-        if exc_name is None and status >= 500:
-            # A framework that turns exceptions into 500s itself (Flask) names the type
-            # here through its adapter.
-            handled = environ.get("sfmon.exception")
-            if type(handled) is str:
-                exc_name = handled[:100]
-        method = environ.get("REQUEST_METHOD", "")
-        try:
-            method_label = method if method in _STANDARD_METHODS else routes.OTHER_METHOD
-            route = environ.get("sfmon.route")
-            if type(route) is not str or not route or len(route) > 200:
-                route = routes.route_label(
-                    route, environ.get("PATH_INFO", ""), status, normaliser=monitor._normaliser
-                )
-        except Exception:
-            method_label, route = routes.OTHER_METHOD, routes.UNMATCHED
-        try:
-            if self.counted:
-                monitor.record(self, method_label, route, status, latency_ms)
-                if status >= 400:
-                    monitor.note_error(self.request_id, method_label, route, status, exc_name)
-        except Exception as exc:
-            metrics._report_store_failure(exc)
-        try:
-            if self.counted and monitor.sinks:
-                self._to_sinks(method, method_label, route, status, latency_ms, exc_name)
-        except Exception as exc:  # never into the server, whatever the app left in environ
-            _sink_failed(monitor.sinks, exc)
-        finally:
-            try:
-                current_request_id.reset(self.token_rid)
-            except ValueError:  # closed from another context (a different thread or task)
-                current_request_id.set(None)
-            if self.token_tid is not None:
-                _reset(current_trace_id, self.token_tid)
-            self.environ = {}  # drop references to the request
+        _finish(self)
 
-    def _to_sinks(
-        self,
-        method: str,
-        method_label: str,
-        route: str,
-        status: int,
-        latency_ms: float,
-        exc_name: str | None,
-    ) -> None:
-        environ = self.environ
-        user = environ.get("sfmon.user_id") or environ.get("REMOTE_USER")
-        script = environ.get("SCRIPT_NAME", "")
-        path = environ.get("PATH_INFO", "")
-        if type(script) is not str or type(path) is not str:
-            script, path = _text(script), _text(path)
-        ttfb = self.ttfb
-        # Positional: keyword arguments cost twice as much on this per-request path.
-        # Order: request_id, trace_id, method, method_label, path, route, status,
-        # content_length, latency_ms, ttfb_ms, started_at, user_id, client_addr,
-        # exception, exc_info.
-        record = RequestRecord(
-            self.request_id,
-            self.trace_id,
-            method,
-            method_label,
-            script + path,
-            route,
-            status,
-            self.nbytes,
-            latency_ms,
-            None if ttfb is None else (ttfb - self.started) * 1000.0,
-            time.time() - latency_ms / 1000.0,
-            None if user is None else user if type(user) is str else _text(user),
-            environ.get("REMOTE_ADDR"),
-            exc_name,
-            self.error,  # type: ignore[arg-type]
-        )
-        for sink in self.monitor.sinks:
-            try:
-                sink(record)
-            except Exception as exc:
-                _sink_failed(sink, exc)
+
+def _finish(call: _Call) -> None:
+    """End *call* once: record it, hand it to the sinks, reset the context."""
+    if call.finished:
+        return
+    call.finished = True
+    latency_ms = (_perf() - call.started) * 1000.0
+    monitor = call.monitor
+    environ = call.environ
+    status = call.status
+    exc_name = None
+    if call.error is not None:
+        status = 500
+        exc_name = call.error[0].__name__ if call.error[0] else None
+    elif call.iterating and not call.exhausted:
+        status = 499  # the server stopped reading the body: the client went away
+    elif status == 0:
+        status = 500  # the app returned without ever calling start_response
+    if exc_name is None and status >= 500:
+        # A framework that turns exceptions into 500s itself (Flask) names the type
+        # here through its adapter.
+        handled = environ.get("sfmon.exception")
+        if type(handled) is str:
+            exc_name = handled[:100]
+    method = environ.get("REQUEST_METHOD", "")
+    try:
+        method_label = method if method in _STANDARD_METHODS else routes.OTHER_METHOD
+        route = environ.get("sfmon.route")
+        if type(route) is not str or not route or len(route) > 200:
+            route = routes.route_label(
+                route, environ.get("PATH_INFO", ""), status, normaliser=monitor._normaliser
+            )
+    except Exception:
+        method_label, route = routes.OTHER_METHOD, routes.UNMATCHED
+    try:
+        if call.counted:
+            monitor.record(call, method_label, route, status, latency_ms)
+            if status >= 400:
+                monitor.note_error(call.request_id, method_label, route, status, exc_name)
+    except Exception as exc:
+        metrics._report_store_failure(exc)
+    try:
+        if call.counted and monitor.sinks:
+            _sinks(call, method, method_label, route, status, latency_ms, exc_name)
+    finally:
+        try:
+            current_request_id.reset(call.token_rid)
+        except ValueError:  # closed from another context (a different thread or task)
+            current_request_id.set(None)
+        if call.token_tid is not None:
+            _reset(current_trace_id, call.token_tid)
+        call.environ = {}  # drop references to the request
+
+
+def _with_request_id(
+    headers: list[tuple[str, str]], lower: str, name: str, rid: str
+) -> list[tuple[str, str]]:
+    """*headers* plus ``(name, rid)``, without any header of that name the app set.
+
+    Exactly one X-Request-Id, ours; the app's list is never mutated. Malformed headers
+    go to the server untouched (it will report them).
+    """
+    size = len(lower)
+    try:
+        # Comparing lengths first keeps the common case (no such header) cheap.
+        for key, _ in headers:
+            if len(key) == size and key.lower() == lower:
+                headers = [h for h in headers if h[0].lower() != lower]
+                break
+        return [*headers, (name, rid)]
+    except Exception:
+        return headers
+
+
+def _sinks(
+    call: _Call,
+    method: str,
+    method_label: str,
+    route: str,
+    status: int,
+    latency_ms: float,
+    exc_name: str | None,
+) -> None:
+    """Hand the finished *call* to every sink; a failing sink is reported, never raised."""
+    try:
+        _to_sinks(call, method, method_label, route, status, latency_ms, exc_name)
+    except Exception as exc:  # never into the server, whatever the app left in environ
+        _sink_failed(call.monitor.sinks, exc)
+
+
+def _to_sinks(
+    call: _Call,
+    method: str,
+    method_label: str,
+    route: str,
+    status: int,
+    latency_ms: float,
+    exc_name: str | None,
+) -> None:
+    environ = call.environ
+    user = environ.get("sfmon.user_id") or environ.get("REMOTE_USER")
+    script = environ.get("SCRIPT_NAME", "")
+    path = environ.get("PATH_INFO", "")
+    if type(script) is not str or type(path) is not str:
+        script, path = _text(script), _text(path)
+    ttfb = call.ttfb
+    # Positional: keyword arguments cost twice as much on this per-request path.
+    # Order: request_id, trace_id, method, method_label, path, route, status,
+    # content_length, latency_ms, ttfb_ms, started_at, user_id, client_addr,
+    # exception, exc_info.
+    record = RequestRecord(
+        call.request_id,
+        call.trace_id,
+        method,
+        method_label,
+        script + path,
+        route,
+        status,
+        call.nbytes,
+        latency_ms,
+        None if ttfb is None else (ttfb - call.started) * 1000.0,
+        time.time() - latency_ms / 1000.0,
+        None if user is None else user if type(user) is str else _text(user),
+        environ.get("REMOTE_ADDR"),
+        exc_name,
+        call.error,  # type: ignore[arg-type]
+    )
+    for sink in call.monitor.sinks:
+        try:
+            sink(record)
+        except Exception as exc:
+            _sink_failed(sink, exc)
 
 
 _STATUS_CODES: dict[str, int] = {}
@@ -540,3 +593,42 @@ def _reset(var: Any, token: Any) -> None:
         var.reset(token)
     except ValueError:
         var.set(None)  # closed from another context (a different thread or task)
+
+
+def _store_failed(exc: BaseException) -> None:
+    metrics._report_store_failure(exc)
+
+
+class PureMonitor(_MonitorLogic):
+    """:class:`Monitor` in pure Python, whether or not the C speedups were built.
+
+    Same options and behaviour; :class:`Monitor` is this class when the speedups are
+    missing or ``SFMON_SPEEDUPS=0``.
+    """
+
+    _call_type = _PyCall
+    __call__ = _MonitorLogic._call_py
+
+
+if speedups is not None:
+    speedups.setup(
+        finish=_finish,
+        sinks=_sinks,
+        status_code=_status_code,
+        status_codes=_STATUS_CODES,
+        fix_headers=_with_request_id,
+        store_failure=_store_failed,
+        store_dict=store.__dict__,
+        request_id_var=current_request_id,
+        methods=routes.STANDARD_METHODS,
+        other_method=routes.OTHER_METHOD,
+    )
+
+    class Monitor(_MonitorLogic, speedups.MonitorBase):  # type: ignore[misc,name-defined]
+        __doc__ = _MonitorLogic.__doc__
+        _call_type = speedups.Call
+
+    _Call = Any
+else:
+    Monitor = PureMonitor  # type: ignore[misc,assignment]
+    _Call = _PyCall
