@@ -21,7 +21,8 @@ def _load() -> ModuleType | None:
         from . import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _speedups
+    module: ModuleType = _speedups
+    return module
 
 
 speedups: ModuleType | None = _load()

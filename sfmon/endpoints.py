@@ -21,7 +21,7 @@ from .exposition import StoreCollector, build_registry, render
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from .middleware import Monitor
+    from .middleware import _MonitorLogic as Monitor
 
 __all__ = ["Endpoints", "json_response"]
 

@@ -20,7 +20,7 @@ import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import metrics, native, routes, store
 from ._accel import speedups
@@ -116,7 +116,7 @@ class _MonitorLogic:
         self._recent: Any = None
         self.sinks: list[Callable[[RequestRecord], Any]] = list(s.sinks)
         if s.access_log:
-            from .logs import AccessLogSink
+            from .access_log import AccessLogSink
 
             self.sinks.append(AccessLogSink())
         from .endpoints import Endpoints
@@ -126,10 +126,11 @@ class _MonitorLogic:
         from .adapters import flask as flask_adapter
 
         flask_adapter.install(app)
-        if speedups is not None and isinstance(self, speedups.MonitorBase):
+        arm = getattr(self, "_set_histogram", None)  # the C base class, when built
+        if arm is not None:
             latency = self.latency
             schema = latency.native_schema if latency.indexer is not None else 0
-            self._set_histogram(
+            arm(
                 latency.bounds,
                 latency.indexer is not None,
                 native._fractions(schema) if schema > 0 else (),
@@ -137,7 +138,7 @@ class _MonitorLogic:
                 native.overflow_index(schema),
                 latency.zero_threshold,
             )
-            self._fast = True
+            cast(Any, self)._fast = True
 
     #: The type of the object that follows one request (C or Python).
     _call_type: Any = None
@@ -165,7 +166,7 @@ class _MonitorLogic:
             if rejected:
                 self._safe(metrics.request_ids_rejected.inc)
         environ["sfmon.request_id"] = rid
-        call = self._call_type(self, environ, start_response, rid, started, counted)
+        call: _PyCall = self._call_type(self, environ, start_response, rid, started, counted)
         tp = environ.get("HTTP_TRACEPARENT")
         if tp is not None:
             call.trace_id = parse_traceparent(tp)
@@ -204,7 +205,7 @@ class _MonitorLogic:
         except Exception as exc:  # metrics must never fail a request
             metrics._report_store_failure(exc)
 
-    def _enter(self, call: _Call, environ: WSGIEnvironment) -> None:
+    def _enter(self, call: _PyCall, environ: WSGIEnvironment) -> None:
         try:
             # The fork hook clears store._writer in a child, so no pid check is needed here.
             w = store._writer or store.get_writer()
@@ -252,7 +253,7 @@ class _MonitorLogic:
         return entry
 
     def record(
-        self, call: _Call, method: str, route: str, status: int, latency_ms: float
+        self, call: _PyCall, method: str, route: str, status: int, latency_ms: float
     ) -> None:
         """Add one finished request to the store (hot path: a few slot adds)."""
         w = call.writer
@@ -420,7 +421,7 @@ class _PyCall:
         _finish(self)
 
 
-def _finish(call: _Call) -> None:
+def _finish(call: _PyCall) -> None:
     """End *call* once: record it, hand it to the sinks, reset the context."""
     if call.finished:
         return
@@ -494,7 +495,7 @@ def _with_request_id(
 
 
 def _sinks(
-    call: _Call,
+    call: _PyCall,
     method: str,
     method_label: str,
     route: str,
@@ -510,7 +511,7 @@ def _sinks(
 
 
 def _to_sinks(
-    call: _Call,
+    call: _PyCall,
     method: str,
     method_label: str,
     route: str,
@@ -626,9 +627,7 @@ if speedups is not None:
 
     class Monitor(_MonitorLogic, speedups.MonitorBase):  # type: ignore[misc,name-defined]
         __doc__ = _MonitorLogic.__doc__
-        _call_type = speedups.Call
+        _call_type = cast(Any, speedups).Call
 
-    _Call = Any
 else:
     Monitor = PureMonitor  # type: ignore[misc,assignment]
-    _Call = _PyCall
