@@ -21,3 +21,9 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e ".[$1]"
     touch "$stamp"
 fi
+# The C speedups: rebuilt in place when their source is newer than the built module
+# (an editable install builds them once).
+so=$(ls sfmon/_speedups*.so 2>/dev/null | head -1 || true)
+if [ -z "$so" ] || [ sfmon/_speedups.c -nt "$so" ]; then
+    .venv/bin/python setup.py -q build_ext --inplace
+fi
