@@ -221,12 +221,14 @@ def _bare(base: str) -> Callable[[Context], App]:
     return build
 
 
-def _sfmon(base: str, ns: str, **options: Any) -> Callable[[Context], App]:
+def _sfmon(base: str, ns: str, pure: bool = False, **options: Any) -> Callable[[Context], App]:
     def build(ctx: Context) -> App:
         import sfmon
+        from sfmon.middleware import PureMonitor
 
         inner, install = _base(base)
-        return install(sfmon.Monitor(inner, namespace=ns, **options))
+        cls = PureMonitor if pure else sfmon.Monitor
+        return install(cls(inner, namespace=ns, **options))
 
     return build
 
@@ -385,6 +387,16 @@ def variants() -> list[Variant]:
                 _sfmon(base, f"b{b}classic", access_log=False, native_histograms=False),
                 flask_need,
                 namespace=f"b{b}classic",
+            )
+        )
+        out.append(
+            Variant(
+                f"{base}/sfmon-pure",
+                f"{base}: sfmon metrics, pure Python (no C speedups)",
+                base,
+                _sfmon(base, f"b{b}pure", pure=True, access_log=False),
+                flask_need,
+                namespace=f"b{b}pure",
             )
         )
         out.append(
