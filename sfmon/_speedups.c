@@ -34,10 +34,13 @@ static PyObject *g_store_dict;    /* sfmon.store.__dict__ (for its _writer) */
 static PyObject *g_rid_var;       /* request_id.current_request_id */
 static PyObject *g_methods;       /* routes.STANDARD_METHODS */
 static PyObject *g_other_method;  /* routes.OTHER_METHOD */
+static PyObject *g_record_type;   /* record.RequestRecord */
+static PyObject *g_sink_failed;   /* _sink_failed(sink, exc): report once */
 
 static PyObject *s_writer, *s_check_at, *s_q, *s_blocks, *s_block_slot, *s_slots, *s_call_py,
     *s_close, *s_write, *k_monitor, *k_request_id, *k_path_info, *k_multithread,
-    *k_traceparent, *k_route, *k_method, *s_empty;
+    *k_traceparent, *k_route, *k_method, *s_empty, *k_user_id, *k_remote_user, *k_script_name,
+    *k_remote_addr;
 
 /* -- request ids ------------------------------------------------------------------ */
 
@@ -910,6 +913,202 @@ call_iternext(Call *self)
     return NULL;
 }
 
+/* -- the record handed to the sinks ------------------------------------------------ */
+
+#define RECORD_FIELDS 15
+static const char *record_names[RECORD_FIELDS + 1] = {
+    "request_id",   "trace_id",   "method",      "method_label", "path",
+    "route",        "status",     "content_length", "latency_ms", "ttfb_ms",
+    "started_at",   "user_id",    "client_addr", "exception",    "exc_info", NULL};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *f[RECORD_FIELDS];
+} RecordBase;
+
+static PyObject *
+record_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *v[RECORD_FIELDS];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOOOOOO:RequestRecord",
+                                     (char **)record_names, &v[0], &v[1], &v[2], &v[3], &v[4],
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11], &v[12],
+                                     &v[13], &v[14]))
+        return NULL;
+    RecordBase *r = (RecordBase *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        r->f[i] = Py_NewRef(v[i]);
+    return (PyObject *)r;
+}
+
+static int
+record_traverse(RecordBase *r, visitproc visit, void *arg)
+{
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        Py_VISIT(r->f[i]);
+    return 0;
+}
+
+static int
+record_clear(RecordBase *r)
+{
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        Py_CLEAR(r->f[i]);
+    return 0;
+}
+
+static void
+record_dealloc(RecordBase *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    PyObject_GC_UnTrack(r);
+    record_clear(r);
+    tp->tp_free((PyObject *)r);
+}
+
+#define RECORD_MEMBER(i) {(char *)0, T_OBJECT, offsetof(RecordBase, f) + (i) * sizeof(PyObject *), 0, NULL}
+static PyMemberDef record_members[RECORD_FIELDS + 1] = {
+    RECORD_MEMBER(0),  RECORD_MEMBER(1),  RECORD_MEMBER(2),  RECORD_MEMBER(3),
+    RECORD_MEMBER(4),  RECORD_MEMBER(5),  RECORD_MEMBER(6),  RECORD_MEMBER(7),
+    RECORD_MEMBER(8),  RECORD_MEMBER(9),  RECORD_MEMBER(10), RECORD_MEMBER(11),
+    RECORD_MEMBER(12), RECORD_MEMBER(13), RECORD_MEMBER(14), {NULL},
+};
+
+static PyTypeObject RecordBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sfmon._speedups.RecordBase",
+    .tp_basicsize = sizeof(RecordBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of sfmon.RequestRecord, in C.",
+    .tp_new = record_new,
+    .tp_traverse = (traverseproc)record_traverse,
+    .tp_clear = (inquiry)record_clear,
+    .tp_dealloc = (destructor)record_dealloc,
+    .tp_members = record_members,
+};
+
+static double
+wall_clock(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* middleware._to_sinks for the fast case: build the record, call each sink. Returns -1
+ * with an error set only for a BaseException that is not an Exception (as Python's
+ * "except Exception" lets through); returns 1 when the case is not plain (Python does it). */
+static int
+to_sinks(Call *self, PyObject *sinks, PyObject *method, PyObject *label, PyObject *route,
+         double latency_ms)
+{
+    PyObject *env = self->environ;
+    PyObject *user = PyDict_GetItemWithError(env, k_user_id);
+    if (user == NULL && PyErr_Occurred())
+        return 1;
+    if (user != NULL) {
+        int truth = PyObject_IsTrue(user);
+        if (truth < 0)
+            return 1;
+        if (!truth)
+            user = NULL;
+    }
+    if (user == NULL) {
+        user = PyDict_GetItemWithError(env, k_remote_user);
+        if (user == NULL && PyErr_Occurred())
+            return 1;
+    }
+    if (user != NULL && user != Py_None && !PyUnicode_CheckExact(user))
+        return 1;
+    PyObject *script = PyDict_GetItemWithError(env, k_script_name);
+    PyObject *pinfo = PyDict_GetItemWithError(env, k_path_info);
+    if (PyErr_Occurred())
+        return 1;
+    script = script ? script : s_empty;
+    pinfo = pinfo ? pinfo : s_empty;
+    if (!PyUnicode_CheckExact(script) || !PyUnicode_CheckExact(pinfo))
+        return 1;
+    PyObject *addr = PyDict_GetItemWithError(env, k_remote_addr);
+    if (addr == NULL && PyErr_Occurred())
+        return 1;
+    PyObject *v[RECORD_FIELDS] = {NULL};
+    int rc = -1;
+    v[0] = Py_NewRef(self->request_id ? self->request_id : Py_None);
+    v[1] = Py_NewRef(ISNONE(self->trace_id) ? Py_None : self->trace_id);
+    v[2] = Py_NewRef(method);
+    v[3] = Py_NewRef(label);
+    v[4] = PyUnicode_GET_LENGTH(script) ? PyUnicode_Concat(script, pinfo) : Py_NewRef(pinfo);
+    v[5] = Py_NewRef(route);
+    v[6] = PyLong_FromLong(self->status);
+    v[7] = PyLong_FromLongLong(self->nbytes);
+    v[8] = PyFloat_FromDouble(latency_ms);
+    if (ISNONE(self->ttfb))
+        v[9] = Py_NewRef(Py_None);
+    else {
+        double t = PyFloat_AsDouble(self->ttfb);
+        v[9] = (t == -1.0 && PyErr_Occurred()) ? NULL
+                                                : PyFloat_FromDouble((t - self->started) * 1000.0);
+    }
+    v[10] = PyFloat_FromDouble(wall_clock() - latency_ms / 1000.0);
+    v[11] = Py_NewRef(user ? user : Py_None);
+    v[12] = Py_NewRef(addr ? addr : Py_None);
+    v[13] = Py_NewRef(Py_None);
+    v[14] = Py_NewRef(ISNONE(self->error) ? Py_None : self->error);
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        if (v[i] == NULL)
+            goto done;
+    PyObject *record = PyObject_Vectorcall(g_record_type, v, RECORD_FIELDS, NULL);
+    if (record == NULL)
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(sinks);
+    rc = 0;
+    for (Py_ssize_t i = 0; i < n && i < PyList_GET_SIZE(sinks); i++) {
+        PyObject *sink = Py_NewRef(PyList_GET_ITEM(sinks, i));
+        PyObject *r = PyObject_CallOneArg(sink, record);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(sink);
+                rc = -1;
+                break;
+            }
+            PyObject *t, *e, *tb;
+            PyErr_Fetch(&t, &e, &tb);
+            PyErr_NormalizeException(&t, &e, &tb);
+            PyObject *rr = PyObject_CallFunctionObjArgs(g_sink_failed, sink, e ? e : Py_None, NULL);
+            if (rr == NULL)
+                PyErr_Clear();
+            Py_XDECREF(rr);
+            Py_XDECREF(t);
+            Py_XDECREF(e);
+            Py_XDECREF(tb);
+        }
+        Py_XDECREF(r);
+        Py_DECREF(sink);
+    }
+    Py_DECREF(record);
+done:
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        Py_XDECREF(v[i]);
+    if (rc == -1 && !PyErr_Occurred())
+        rc = 1; /* a conversion failed without an error: let Python do it */
+    if (rc == -1 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* building the record failed: report like a failing sink, never raise */
+        PyObject *t, *e, *tb;
+        PyErr_Fetch(&t, &e, &tb);
+        PyErr_NormalizeException(&t, &e, &tb);
+        PyObject *rr = PyObject_CallFunctionObjArgs(g_sink_failed, sinks, e ? e : Py_None, NULL);
+        if (rr == NULL)
+            PyErr_Clear();
+        Py_XDECREF(rr);
+        Py_XDECREF(t);
+        Py_XDECREF(e);
+        Py_XDECREF(tb);
+        rc = 0;
+    }
+    return rc;
+}
+
 /* The common end of a request, in C; anything else goes to middleware._finish. */
 static int
 finish(Call *self)
@@ -945,17 +1144,23 @@ finish(Call *self)
     PyErr_Clear();
     if (record(m, self->writer, label, route, self->status, latency_ms) < 0)
         store_failed();
-    if (m->sinks != NULL && PyList_Check(m->sinks) && PyList_GET_SIZE(m->sinks) > 0) {
-        PyObject *st = PyLong_FromLong(self->status), *ms = PyFloat_FromDouble(latency_ms);
-        PyObject *r = NULL;
-        if (st != NULL && ms != NULL)
-            r = PyObject_CallFunctionObjArgs(g_sinks, (PyObject *)self, method, label, route,
-                                             st, ms, Py_None, NULL);
-        if (r == NULL)
-            PyErr_WriteUnraisable(g_sinks);
-        Py_XDECREF(r);
-        Py_XDECREF(st);
-        Py_XDECREF(ms);
+    PyObject *t = NULL, *e = NULL, *tb = NULL; /* a BaseException from a sink, re-raised */
+    if (m->sinks != NULL && PyList_CheckExact(m->sinks) && PyList_GET_SIZE(m->sinks) > 0) {
+        int done = to_sinks(self, m->sinks, method, label, route, latency_ms);
+        if (done < 0)
+            PyErr_Fetch(&t, &e, &tb);
+        else if (done > 0) {
+            PyObject *st = PyLong_FromLong(self->status), *ms = PyFloat_FromDouble(latency_ms);
+            PyObject *r = NULL;
+            if (st != NULL && ms != NULL)
+                r = PyObject_CallFunctionObjArgs(g_sinks, (PyObject *)self, method, label, route,
+                                                 st, ms, Py_None, NULL);
+            if (r == NULL)
+                PyErr_Fetch(&t, &e, &tb);
+            Py_XDECREF(r);
+            Py_XDECREF(st);
+            Py_XDECREF(ms);
+        }
     }
     Py_DECREF(route);
     Py_DECREF(method);
@@ -969,6 +1174,10 @@ finish(Call *self)
         }
     }
     Py_CLEAR(self->environ);
+    if (t != NULL) {
+        PyErr_Restore(t, e, tb);
+        return -1;
+    }
     return 0;
 
 slow_clear:
@@ -1081,16 +1290,18 @@ sp_setup(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"finish",      "sinks",    "status_code", "status_codes",
                              "fix_headers", "store_failure", "store_dict",  "request_id_var",
-                             "methods",     "other_method",  NULL};
-    PyObject *v[10];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!OOO!OO!U:setup", kwlist, &v[0], &v[1],
+                             "methods",     "other_method",  "record_type", "sink_failed",
+                             NULL};
+    PyObject *v[12];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!OOO!OO!UOO:setup", kwlist, &v[0], &v[1],
                                      &v[2], &PyDict_Type, &v[3], &v[4], &v[5], &PyDict_Type,
-                                     &v[6], &v[7], &PyFrozenSet_Type, &v[8], &v[9]))
+                                     &v[6], &v[7], &PyFrozenSet_Type, &v[8], &v[9], &v[10],
+                                     &v[11]))
         return NULL;
-    PyObject **dst[10] = {&g_finish,       &g_sinks,      &g_status_code, &g_status_codes,
+    PyObject **dst[12] = {&g_finish,       &g_sinks,      &g_status_code, &g_status_codes,
                           &g_fix_headers,  &g_store_failure, &g_store_dict, &g_rid_var,
-                          &g_methods,      &g_other_method};
-    for (int i = 0; i < 10; i++)
+                          &g_methods,      &g_other_method, &g_record_type, &g_sink_failed};
+    for (int i = 0; i < 12; i++)
         Py_XSETREF(*dst[i], Py_NewRef(v[i]));
     Py_RETURN_NONE;
 }
@@ -1150,19 +1361,27 @@ PyInit__speedups(void)
         {&k_route, "sfmon.route"},
         {&k_method, "REQUEST_METHOD"},
         {&s_empty, ""},
+        {&k_user_id, "sfmon.user_id"},
+        {&k_remote_user, "REMOTE_USER"},
+        {&k_script_name, "SCRIPT_NAME"},
+        {&k_remote_addr, "REMOTE_ADDR"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
         if (*names[i].slot == NULL)
             return NULL;
     }
-    if (PyType_Ready(&MonitorBaseType) < 0 || PyType_Ready(&CallType) < 0)
+    for (int i = 0; i < RECORD_FIELDS; i++)
+        record_members[i].name = record_names[i];
+    if (PyType_Ready(&MonitorBaseType) < 0 || PyType_Ready(&CallType) < 0 ||
+        PyType_Ready(&RecordBaseType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "MonitorBase", (PyObject *)&MonitorBaseType) < 0 ||
-        PyModule_AddObjectRef(m, "Call", (PyObject *)&CallType) < 0) {
+        PyModule_AddObjectRef(m, "Call", (PyObject *)&CallType) < 0 ||
+        PyModule_AddObjectRef(m, "RecordBase", (PyObject *)&RecordBaseType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -623,6 +623,8 @@ if speedups is not None:
         request_id_var=current_request_id,
         methods=routes.STANDARD_METHODS,
         other_method=routes.OTHER_METHOD,
+        record_type=RequestRecord,
+        sink_failed=_sink_failed,
     )
 
     class Monitor(_MonitorLogic, speedups.MonitorBase):  # type: ignore[misc,name-defined]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._accel import speedups
 
 __all__ = ["RequestRecord", "Sink"]
 
@@ -94,6 +97,38 @@ class RequestRecord:
             f"RequestRecord({self.method} {self.route} {self.status} "
             f"{self.latency_ms:.3f}ms id={self.request_id})"
         )
+
+
+#: The field names, in constructor order.
+FIELDS = (
+    "request_id",
+    "trace_id",
+    "method",
+    "method_label",
+    "path",
+    "route",
+    "status",
+    "content_length",
+    "latency_ms",
+    "ttfb_ms",
+    "started_at",
+    "user_id",
+    "client_addr",
+    "exception",
+    "exc_info",
+)
+
+#: The pure-Python class (what ``RequestRecord`` is without the C speedups).
+PyRequestRecord = RequestRecord
+
+if speedups is not None and not TYPE_CHECKING:
+    # The same class with its fields in C: the middleware builds one per request.
+    _base: Any = speedups.RecordBase
+
+    class RequestRecord(_base):
+        __doc__ = PyRequestRecord.__doc__
+        __slots__ = ()
+        __repr__ = PyRequestRecord.__repr__
 
 
 Sink = Callable[[RequestRecord], None]

@@ -158,7 +158,22 @@ def test_protection_under_gunicorn_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_the_record_sinks_get_has_no_headers_query_or_body() -> None:
-    fields = set(RequestRecord.__slots__)
+    import types
+
+    from sfmon.record import FIELDS, PyRequestRecord
+
+    fields = set(FIELDS)
+    assert set(PyRequestRecord.__slots__) == fields
+    # With the C speedups the fields live in C: the same names, nothing else to fill.
+    held = {
+        name
+        for klass in RequestRecord.__mro__
+        for name, value in vars(klass).items()
+        if isinstance(value, types.MemberDescriptorType)
+    }
+    assert held == fields
+    record = RequestRecord(*[None] * len(FIELDS))
+    assert not hasattr(record, "__dict__")
     assert fields == {
         "client_addr",
         "content_length",

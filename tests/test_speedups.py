@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import sfmon
 from sfmon import middleware, native, store
 from sfmon.merge import HistogramValue, StoreReader
-from sfmon.record import RequestRecord
+from sfmon.record import FIELDS, PyRequestRecord, RequestRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,7 +203,7 @@ def normalise(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_fields(r: RequestRecord) -> dict[str, Any]:
-    fields = {k: getattr(r, k) for k in RequestRecord.__slots__}
+    fields = {k: getattr(r, k) for k in FIELDS}
     fields.pop("started_at")  # wall clock
     fields.pop("request_id")  # minted: checked apart
     info = fields.pop("exc_info")
@@ -314,6 +314,18 @@ def test_pure_python_path_passes_the_middleware_tests() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_record_keeps_the_python_interface() -> None:
+    args = ["id", None, "GET", "GET", "/p", "/r", 200, 5, 1.5, None, 1e9, None, "::1", None, None]
+    c = RequestRecord(*args)
+    p = PyRequestRecord(*args)
+    assert repr(c) == repr(p) == "RequestRecord(GET /r 200 1.500ms id=id)"
+    assert {k: getattr(c, k) for k in FIELDS} == {k: getattr(p, k) for k in FIELDS}
+    kw = RequestRecord(**dict(zip(FIELDS, args)))
+    assert kw.route == "/r" and kw.client_addr == "::1"
+    with pytest.raises(TypeError):
+        RequestRecord(*args[:-1])
 
 
 def test_pure_mode_is_pure() -> None:
