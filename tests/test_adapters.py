@@ -203,6 +203,7 @@ def test_flask_route_set_when_before_request_aborts() -> None:
 
 def test_flask_install_through_wsgi_app_and_wrappers() -> None:
     """``app.wsgi_app = X(app.wsgi_app)`` in either order, as the README shows."""
+    import flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from sfmon.adapters import flask as adapter
@@ -217,20 +218,29 @@ def test_flask_install_through_wsgi_app_and_wrappers() -> None:
     Client(app).get("/api/items/5", buffered=True)
 
     assert app.wsgi_app.seen == [(200, "/api/items/<int:item_id>")]
-    assert app.url_value_preprocessors[None].count(adapter._record_route) == 1
+    assert app.request_class.__mro__[1] is flask.Request  # wrapped once
 
 
-def test_flask_install_is_idempotent_and_first() -> None:
+def test_flask_install_is_idempotent_and_adds_no_hook() -> None:
+    """The route comes from the request class: no per-request hook (~10x the cost)."""
+    import flask
+
     from sfmon.adapters import flask as adapter
 
     app = _flask_app()
     app.url_value_preprocessor(lambda endpoint, values: None)
+    other = _flask_app()
 
     results = [adapter.install(app), adapter.install(app), adapter.install(app.wsgi_app)]
+    adapter.install(other)
 
     assert results == [True, True, True]
-    assert app.url_value_preprocessors[None][0] is adapter._record_route
-    assert app.url_value_preprocessors[None].count(adapter._record_route) == 1
+    assert app.request_class.__mro__[1] is flask.Request
+    assert app.request_class.__name__ == "Request"  # werkzeug's repr is unchanged
+    assert other.request_class is app.request_class  # one subclass per request class
+    assert len(app.url_value_preprocessors[None]) == 1  # only the app's own
+    assert adapter._record_route not in other.url_value_preprocessors.get(None, [])
+    assert flask.Flask.request_class is flask.Request  # the class attribute is untouched
 
 
 def test_flask_install_after_first_request() -> None:
@@ -242,6 +252,168 @@ def test_flask_install_after_first_request() -> None:
 
     assert adapter.install(app) is True
     assert drive(app, "/api/items/3") == [(200, "/api/items/<int:item_id>")]
+
+
+def test_flask_custom_request_class_is_subclassed() -> None:
+    """The app's own request class keeps working: sfmon's class derives from it."""
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    class MyRequest(flask.Request):
+        def tenant(self) -> str:
+            return self.headers.get("X-Tenant", "none")
+
+    app = _flask_app()
+    app.request_class = MyRequest
+
+    @app.get("/whoami/<name>")
+    def whoami(name: str) -> str:
+        req = flask.request
+        assert isinstance(req, MyRequest) and req.routing_exception is None
+        return f"{req.tenant()} {req.endpoint} {req.url_rule} {req.view_args}"
+
+    assert adapter.install(app) is True
+    response = Client(app).get("/whoami/bob", headers={"X-Tenant": "acme"})
+    seen = drive(app, "/whoami/bob", "/nope")
+
+    assert app.request_class.__mro__[1] is MyRequest
+    assert response.get_data(as_text=True) == "acme whoami /whoami/<name> {'name': 'bob'}"
+    assert seen == [(200, "/whoami/<name>"), (404, UNMATCHED)]
+
+    # A request class set after install replaces sfmon's: installing again wraps it.
+    app.request_class = MyRequest
+    assert adapter.install(app) is True
+    assert drive(app, "/whoami/bob") == [(200, "/whoami/<name>")]
+
+
+def test_flask_request_class_with_its_own_url_rule_gets_the_hook() -> None:
+    """A request class that defines url_rule itself is left alone; a hook records."""
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    class OwnRule(flask.Request):
+        @property
+        def url_rule(self) -> Any:
+            return self.__dict__.get("_rule")
+
+        @url_rule.setter
+        def url_rule(self, rule: Any) -> None:
+            self.__dict__["_rule"] = rule
+
+    app = _flask_app()
+    app.request_class = OwnRule
+
+    @app.before_request
+    def deny() -> None:
+        flask.abort(401)
+
+    assert adapter.install(app) is True
+    assert adapter.install(app) is True
+
+    assert app.request_class is OwnRule
+    assert app.url_value_preprocessors[None] == [adapter._record_route]
+    assert drive(app, "/api/items/1", "/bp/things/550e8400-e29b-41d4-a716-446655440000") == [
+        (401, "/api/items/<int:item_id>"),
+        (401, "/bp/things/<uuid:thing_id>"),
+    ]
+    assert drive(app, "/random/probe/1", "/api/health", method="POST") == [
+        (401, UNMATCHED),
+        (401, UNMATCHED),
+    ]
+
+
+def test_flask_read_only_request_class_gets_the_hook() -> None:
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    class Locked(flask.Flask):
+        @property
+        def request_class(self) -> type[flask.Request]:  # type: ignore[override]
+            return flask.Request
+
+    app = Locked("sfmon_test_flask_locked")
+    app.add_url_rule("/items/<int:n>", "item", lambda n: str(n))
+
+    assert adapter.install(app) is True
+    assert app.url_value_preprocessors[None] == [adapter._record_route]
+    assert drive(app, "/items/1", "/nope") == [(200, "/items/<int:n>"), (404, UNMATCHED)]
+
+
+def test_flask_nested_and_repeated_blueprints_keep_their_prefixes() -> None:
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    app = flask.Flask("sfmon_test_flask_blueprints")
+    api = flask.Blueprint("api", __name__, url_prefix="/api")
+    v2 = flask.Blueprint("v2", __name__, url_prefix="/v2")
+
+    @v2.get("/things/<int:thing_id>")
+    def thing(thing_id: int) -> str:
+        return str(thing_id)
+
+    @v2.before_request
+    def deny_seven() -> None:
+        if flask.request.view_args == {"thing_id": 7}:
+            flask.abort(403)
+
+    api.register_blueprint(v2)
+    app.register_blueprint(api)
+    app.register_blueprint(api, url_prefix="/legacy", name="legacy")
+    adapter.install(app)
+
+    seen = drive(app, "/api/v2/things/1", "/legacy/v2/things/2", "/api/v2/things/7")
+    seen += drive(app, "/api/v2/things/x", "/api/v2/things/1", method="DELETE")
+
+    assert seen == [
+        (200, "/api/v2/things/<int:thing_id>"),
+        (200, "/legacy/v2/things/<int:thing_id>"),
+        (403, "/api/v2/things/<int:thing_id>"),
+        (404, UNMATCHED),
+        (405, UNMATCHED),
+    ]
+
+
+def test_flask_exception_type_reaches_environ() -> None:
+    """Flask answers 500 itself; its got_request_exception signal names the type."""
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    app = flask.Flask("sfmon_test_flask_exception")
+    environs: list[dict[str, Any]] = []
+
+    @app.get("/boom/<int:n>")
+    def boom(n: int) -> str:
+        environs.append(flask.request.environ)
+        return str(1 // n)
+
+    adapter.install(app)
+    statuses = [Client(app).get(url).status_code for url in ("/boom/1", "/boom/0")]
+
+    assert statuses == [200, 500]
+    assert [e.get("sfmon.exception") for e in environs] == [None, "ZeroDivisionError"]
+    assert [e.get(ROUTE_KEY) for e in environs] == ["/boom/<int:n>"] * 2
+
+
+def test_flask_without_signals_still_records_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flask < 2.3 without blinker refuses to connect signals: install must not fail."""
+    import flask
+
+    from sfmon.adapters import flask as adapter
+
+    class NoSignal:
+        def connect(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("Signalling support is unavailable")
+
+    monkeypatch.setattr(flask, "got_request_exception", NoSignal())
+    app = _flask_app()
+
+    assert adapter.install(app) is True
+    assert drive(app, "/api/items/1") == [(200, "/api/items/<int:item_id>")]
 
 
 def _plain_wsgi(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
