@@ -82,3 +82,20 @@ def test_unreachable_server_is_an_error(capsys: pytest.CaptureFixture[str]) -> N
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert cli.main(["nope"]) == 2
+
+
+def test_speedups_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sfmon import _accel
+
+    code, out = run(capsys)
+    assert "[ok] C speedups are built and in use" in out
+
+    monkeypatch.setattr(_accel, "speedups", None)
+    code, out = run(capsys)
+    assert "[warning] C speedups are not built" in out and code == 0
+
+    monkeypatch.setenv("SFMON_SPEEDUPS", "0")
+    code, out = run(capsys)
+    assert "[ok] C speedups are off (SFMON_SPEEDUPS=0)" in out
