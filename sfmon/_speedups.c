@@ -32,6 +32,7 @@ static PyObject *g_fix_headers;   /* _with_request_id(headers, lower, name, rid)
 static PyObject *g_store_failure; /* _store_failed(exc) */
 static PyObject *g_store_dict;    /* sfmon.store.__dict__ (for its _writer) */
 static PyObject *g_rid_var;       /* request_id.current_request_id */
+static PyObject *g_tid_var;       /* request_id.current_trace_id */
 static PyObject *g_methods;       /* routes.STANDARD_METHODS */
 static PyObject *g_other_method;  /* routes.OTHER_METHOD */
 static PyObject *g_record_type;   /* record.RequestRecord */
@@ -115,6 +116,44 @@ rid_ok(PyObject *v)
 }
 
 static PyObject *g_clock; /* a test clock (set_clock), else NULL */
+
+static int
+lower_hex(const Py_UCS1 *p, int n, int *nonzero)
+{
+    for (int i = 0; i < n; i++) {
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+            return 0;
+        if (p[i] != '0')
+            *nonzero = 1;
+    }
+    return 1;
+}
+
+/* request_id.parse_traceparent for a value without surrounding blanks: 1 and the trace
+ * id in *out when valid, 0 when invalid (no trace id), -1 when Python must decide. */
+static int
+traceparent(PyObject *v, PyObject **out)
+{
+    *out = NULL;
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v))
+        return -1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    if (n == 0)
+        return 0;
+    const Py_UCS1 *p = PyUnicode_1BYTE_DATA(v);
+    if (p[0] <= ' ' || p[n - 1] <= ' ')
+        return -1; /* str.strip() first: leave that to Python */
+    if (n != 55 || p[2] != '-' || p[35] != '-' || p[52] != '-')
+        return 0;
+    int nz_version = 0, nz_trace = 0, nz_parent = 0, nz_flags = 0;
+    if (!lower_hex(p, 2, &nz_version) || !lower_hex(p + 3, 32, &nz_trace) ||
+        !lower_hex(p + 36, 16, &nz_parent) || !lower_hex(p + 53, 2, &nz_flags))
+        return 0;
+    if ((p[0] == 'f' && p[1] == 'f') || !nz_trace || !nz_parent)
+        return 0;
+    *out = PyUnicode_Substring(v, 3, 35);
+    return *out == NULL ? -1 : 1;
+}
 
 /* time.perf_counter() on Linux and macOS: the monotonic clock. */
 static double
@@ -399,7 +438,8 @@ monitor_call(MonitorBase *self, PyObject *args, PyObject *kwds)
     v = PyDict_GetItemWithError(environ, k_multithread);
     if (v == NULL || PyObject_IsTrue(v) != 0)
         goto slow_clear;
-    if (PyDict_GetItemWithError(environ, k_traceparent) != NULL || PyErr_Occurred())
+    PyObject *tp = PyDict_GetItemWithError(environ, k_traceparent);
+    if (tp == NULL && PyErr_Occurred())
         goto slow_clear;
     PyObject *inbound = NULL;
     if (self->header_env != NULL) {
@@ -423,20 +463,37 @@ monitor_call(MonitorBase *self, PyObject *args, PyObject *kwds)
     if (started > check_at)
         goto slow;
 
+    PyObject *trace_id = NULL;
+    if (tp != NULL && traceparent(tp, &trace_id) < 0)
+        goto slow_clear;
+
     /* The fast path from here on: Monitor._call_py() for this case. */
     n_fast_calls++;
     PyObject *rid = inbound != NULL ? Py_NewRef(inbound) : new_rid();
-    if (rid == NULL)
+    if (rid == NULL) {
+        Py_XDECREF(trace_id);
         return NULL;
+    }
     if (PyDict_SetItem(environ, k_monitor, (PyObject *)self) < 0 ||
         PyDict_SetItem(environ, k_request_id, rid) < 0) {
         Py_DECREF(rid);
+        Py_XDECREF(trace_id);
         return NULL;
     }
     Call *call = call_create((PyObject *)self, environ, start_response, rid, started, 1);
     Py_DECREF(rid);
-    if (call == NULL)
+    if (call == NULL) {
+        Py_XDECREF(trace_id);
         return NULL;
+    }
+    if (trace_id != NULL) {
+        call->trace_id = trace_id; /* the reference moves to the call */
+        call->token_tid = PyContextVar_Set(g_tid_var, trace_id);
+        if (call->token_tid == NULL) {
+            Py_DECREF(call);
+            return NULL;
+        }
+    }
     PyObject *q = PyObject_GetAttr(w, s_q);
     Py_buffer view;
     if (q != NULL && PyObject_GetBuffer(q, &view, PyBUF_WRITABLE) == 0) {
@@ -1119,7 +1176,7 @@ finish(Call *self)
     PyObject *environ = self->environ, *route = NULL, *method = NULL;
     if (!ISNONE(self->error) || self->status <= 0 || self->status >= 400 ||
         (self->iterating && !self->exhausted) || !self->counted || !ISNONE(self->lock) ||
-        !ISNONE(self->token_tid) || self->writer == NULL || self->writer != m->writer ||
+        self->writer == NULL || self->writer != m->writer ||
         environ == NULL || !PyDict_CheckExact(environ))
         goto slow;
     route = PyDict_GetItemWithError(environ, k_route);
@@ -1168,8 +1225,16 @@ finish(Call *self)
         if (PyContextVar_Reset(g_rid_var, self->token_rid) < 0) {
             /* closed from another context (a different thread or task) */
             PyErr_Clear();
-            PyObject *t = PyContextVar_Set(g_rid_var, Py_None);
-            Py_XDECREF(t);
+            PyObject *tok = PyContextVar_Set(g_rid_var, Py_None);
+            Py_XDECREF(tok);
+            PyErr_Clear();
+        }
+    }
+    if (!ISNONE(self->token_tid)) {
+        if (PyContextVar_Reset(g_tid_var, self->token_tid) < 0) {
+            PyErr_Clear();
+            PyObject *tok = PyContextVar_Set(g_tid_var, Py_None);
+            Py_XDECREF(tok);
             PyErr_Clear();
         }
     }
@@ -1289,19 +1354,20 @@ static PyObject *
 sp_setup(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"finish",      "sinks",    "status_code", "status_codes",
-                             "fix_headers", "store_failure", "store_dict",  "request_id_var",
+                             "fix_headers", "store_failure", "store_dict",  "request_id_var", "trace_id_var",
                              "methods",     "other_method",  "record_type", "sink_failed",
                              NULL};
-    PyObject *v[12];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!OOO!OO!UOO:setup", kwlist, &v[0], &v[1],
+    PyObject *v[13];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!OOO!OOO!UOO:setup", kwlist, &v[0], &v[1],
                                      &v[2], &PyDict_Type, &v[3], &v[4], &v[5], &PyDict_Type,
-                                     &v[6], &v[7], &PyFrozenSet_Type, &v[8], &v[9], &v[10],
-                                     &v[11]))
+                                     &v[6], &v[7], &v[8], &PyFrozenSet_Type, &v[9], &v[10],
+                                     &v[11], &v[12]))
         return NULL;
-    PyObject **dst[12] = {&g_finish,       &g_sinks,      &g_status_code, &g_status_codes,
+    PyObject **dst[13] = {&g_finish,       &g_sinks,      &g_status_code, &g_status_codes,
                           &g_fix_headers,  &g_store_failure, &g_store_dict, &g_rid_var,
-                          &g_methods,      &g_other_method, &g_record_type, &g_sink_failed};
-    for (int i = 0; i < 12; i++)
+                          &g_tid_var,      &g_methods,    &g_other_method, &g_record_type,
+                          &g_sink_failed};
+    for (int i = 0; i < 13; i++)
         Py_XSETREF(*dst[i], Py_NewRef(v[i]));
     Py_RETURN_NONE;
 }

@@ -621,6 +621,7 @@ if speedups is not None:
         store_failure=_store_failed,
         store_dict=store.__dict__,
         request_id_var=current_request_id,
+        trace_id_var=current_trace_id,
         methods=routes.STANDARD_METHODS,
         other_method=routes.OTHER_METHOD,
         record_type=RequestRecord,
