@@ -4,9 +4,9 @@
  * Optional: sfmon/middleware.py holds the same logic in Python and uses it when this
  * module is absent (no compiler at install time) or SFMON_SPEEDUPS=0. Only the common
  * case runs here: a sync worker (wsgi.multithread false), this process's store writer
- * already set up and checked within the second, no inbound traceparent, an inbound
- * request id that is absent or well formed, and a request that ended below 400 with a
- * route label already set. Everything else (the first request of a process, endpoints,
+ * already set up and checked within the second, an inbound request id and traceparent
+ * that are absent or plain, and a request that ended below 400 with a route label
+ * already set. Everything else (the first request of a process, endpoints,
  * errors, 499s, gthread workers, odd input) is handed to the Python functions that
  * middleware.py registers with setup(), which are the reference behaviour; the tests
  * run both against the same inputs and compare the store and the access records.
