@@ -1,19 +1,25 @@
 """CPU cost of one access line: sfmon's AccessLogSink against python-json-logger via logging.
 
 Prints CPU microseconds per line (``time.process_time``), the median of several repeats,
-for each set-up; with ``--procs`` also the multi-process cost of sfmon's rotating file
-against concurrent-log-handler (when installed). Run from a checkout:
+for each set-up; with ``--cold`` also the wall time of single lines written with the CPU
+caches made cold first (as between two requests of a real server, where one line costs
+several times what it does in a loop); with ``--procs`` the multi-process cost of sfmon's
+rotating file against concurrent-log-handler (when installed). Run from a checkout:
 
-    .venv/bin/python bench/bench_logging.py [--lines 20000] [--repeats 7] [--procs 4]
+    .venv/bin/python bench/bench_logging.py [--lines 20000] [--repeats 7] [--cold 2000] [--procs 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextvars
+import gc
+import json
 import logging
 import multiprocessing
 import os
+import random
+import re
 import statistics
 import sys
 import tempfile
@@ -77,6 +83,48 @@ def measure(fns: dict[str, Callable[[int], None]], lines: int, repeats: int) -> 
     return {name: statistics.median(values) for name, values in results.items()}
 
 
+class _Evictor:
+    """Unrelated work between two timed lines, enough to push the line's code and data
+    out of the CPU caches: JSON, a regex, a walk over many small objects, and a sweep
+    over a buffer larger than the L2 cache."""
+
+    def __init__(self) -> None:
+        self.doc = {f"k{i}": [i, str(i), {"x": i * 1.5}] for i in range(300)}
+        self.text = " ".join(f"key{i}={i}" for i in range(300))
+        self.objects = [{"a": i, "b": str(i)} for i in range(20000)]
+        self.buf = bytearray(4 << 20)
+
+    def __call__(self) -> int:
+        json.loads(json.dumps(self.doc))
+        total = len(re.findall(r"(\w+)=(\d+)", self.text))
+        for o in self.objects[::3]:
+            total += o["a"]
+        self.buf[::64] = bytes(len(self.buf) // 64)
+        return total
+
+
+def measure_cold(fns: dict[str, Callable[[int], None]], lines: int) -> dict[str, float]:
+    """Median wall µs of one call of each fn(i) right after evicting the caches; the
+    set-ups take turns, in a shuffled order each round."""
+    evict = _Evictor()
+    results: dict[str, list[int]] = {name: [] for name in fns}
+    items = list(fns.items())
+    clock = time.perf_counter_ns
+    gc.collect()
+    gc.disable()  # a collection inside one timed call would dwarf it
+    try:
+        for i in range(lines):
+            random.shuffle(items)
+            for name, fn in items:
+                evict()
+                t0 = clock()
+                fn(i)
+                results[name].append(clock() - t0)
+    finally:
+        gc.enable()
+    return {name: statistics.median(values) / 1000 for name, values in results.items()}
+
+
 def scenarios(tmp: Path) -> dict[str, Callable[[int], None]]:
     records = [make_record(i) for i in range(64)]
     devnull = open(os.devnull, "w")  # noqa: SIM115 (kept for the whole run)
@@ -107,6 +155,21 @@ def scenarios(tmp: Path) -> dict[str, Callable[[int], None]]:
     del parent
     sink2 = AccessLogSink(access, error_logger=None)
     out["sfmon AccessLogSink -> access.log+app.log+stdout"] = lambda i: sink2(records[i & 63])
+
+    # 2b. the same files without stdout: configure_logging(stdout=False), errors.log too.
+    files = []
+    for name, level in (("access2.log", 0), ("app2.log", 0), ("errors2.log", logging.ERROR)):
+        h = DailyRotatingFileHandler(tmp / name, level=level)
+        h.setFormatter(fmt)
+        h.addFilter(ctx)
+        files.append(h)
+    access2 = fresh_logger("bench2.access", files[0])
+    fresh_logger("bench2", *files[1:])
+    access2.propagate = True
+    sink2b = AccessLogSink(access2, error_logger=None)
+    out["sfmon AccessLogSink -> access.log+app.log (+errors.log), no stdout"] = lambda i: sink2b(
+        records[i & 63]
+    )
 
     # 3. sfmon sink through a foreign handler (slow path: a LogRecord per line).
     fh = logging.FileHandler(tmp / "slow.log")
@@ -237,6 +300,9 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--procs", type=int, default=0, help="also run the multi-process test")
+    ap.add_argument(
+        "--cold", type=int, default=0, help="also time this many single lines with cold caches"
+    )
     args = ap.parse_args()
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.lines} lines x {args.repeats}"
@@ -248,6 +314,10 @@ def main() -> None:
             fn(0)
         for name, us in measure(fns, args.lines, args.repeats).items():
             print(f"  {us:6.2f}  {name}")
+        if args.cold:
+            print(f"wall us per access line with cold caches (median of {args.cold}):")
+            for name, us in measure_cold(fns, args.cold).items():
+                print(f"  {us:6.2f}  {name}")
         for name in list(logging.Logger.manager.loggerDict):
             if name.startswith("bench"):
                 fresh_logger(name)

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from .logfiles import DailyRotatingFileHandler, record_write_failure
+from . import logfiles as _logfiles
+from .logfiles import (
+    DailyRotatingFileHandler,
+    LogFile,
+    _WatchedHandler,
+    record_write_failure,
+    write_all,
+)
 from .logs import (
     ACCESS_LOGGER,
     ERROR_LOGGER,
@@ -49,8 +56,13 @@ def _cap(value: Any, limit: int) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    number = round(float(value), 3)
-    return number if math.isfinite(number) else None  # NaN/inf are not JSON
+    """*value* (ms) rounded to the µs, half up; None for NaN and infinities (not JSON)."""
+    number = float(value)
+    if -1e15 < number < 1e15:
+        # As the fast path rounds (int(x * 1000 + 0.5)); n / 1000 is the float the
+        # line's "n // 1000 . n % 1000" text parses back to.
+        return math.floor(number * 1000 + 0.5) / 1000
+    return number if math.isfinite(number) else None
 
 
 def _js(value: Any, limit: int) -> str:
@@ -66,7 +78,16 @@ def _num(value: Any) -> str:
     return "null" if number is None else float.__repr__(number)
 
 
-_METHODS = {m: f'"{m}"' for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+# Method to the line's text from the method's key to the path's key.
+_METHODS = {
+    m: f',"method":"{m}","path":'
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+}
+# Table lookups instead of formatting: the timestamp's milliseconds and closing quote,
+# and the fraction of a latency in ms (its µs). Formatting a float costs several times
+# more than integer arithmetic and an index, above all with the cold caches of a server.
+_MS = tuple(f'{n:03d}Z"' for n in range(1000))
+_FRAC = tuple(f".{n:03d}" for n in range(1000))
 
 
 def _decode_path(path: str) -> str:
@@ -80,11 +101,121 @@ def _decode_path(path: str) -> str:
         return path
 
 
-def _plain_filters(handler: logging.Handler) -> bool:
-    filters = handler.filters
-    if not filters or (len(filters) == 1 and type(filters[0]) is RequestContextFilter):
+class _Route:
+    """Where the access lines of one level go (what ``Logger.callHandlers`` would do)."""
+
+    __slots__ = ("files", "others", "records", "writers")
+
+    def __init__(self) -> None:
+        # sfmon's files, grouped by what follows the line's last key (static fields,
+        # "}\n"): the line is encoded once per group and written with one call.
+        self.files: tuple[tuple[str, tuple[LogFile, ...]], ...] = ()
+        self.writers: list[tuple[Callable[[str], None], str]] = []  # other write_json_line
+        self.records: list[logging.Handler] = []  # handlers that need a LogRecord
+        self.others = False  # writers or records
+
+
+class _Plan:
+    """The handlers an access line goes to, worked out once from the logging tree.
+
+    Built from the loggers ``Logger.callHandlers`` would visit from *logger* (its
+    parents while ``propagate``), and kept with what it was built from: those loggers'
+    handler lists (copies), ``propagate`` and ``parent``, the logger's filters, and the
+    level, formatter and filters of the handlers that take the ready line (sfmon's own
+    handlers count their changes instead: ``logfiles.handler_changes``). :meth:`current`
+    compares them before every line, so a handler added, removed or changed
+    (``addHandler``, ``setLevel``, ``setFormatter``, ``addFilter``, dictConfig, assigned
+    attributes, in-place list edits) is obeyed from the next line on. Logger levels and
+    ``logging.disable`` are read by ``isEnabledFor`` for every line. Handlers that need
+    a ``LogRecord`` check their own level and filters per line, as usual.
+    """
+
+    __slots__ = (
+        *("changes", "error", "filters", "first", "first_state", "info", "last_resort"),
+        *("logger", "others", "rest", "second", "second_state"),
+    )
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.changes = _logfiles.handler_changes  # read first: a change after it is seen
+        self.logger = logger
+        self.filters = list(logger.filters)  # non-empty: every line takes logger.handle
+        chain: list[tuple[logging.Logger, tuple[Any, ...]]] = []
+        handlers: list[logging.Handler] = []
+        current: logging.Logger | None = logger
+        while current is not None:
+            own = list(current.handlers)
+            chain.append((current, (own, current.propagate, current.parent)))
+            handlers += own
+            current = current.parent if current.propagate else None
+        # The usual chain (sfmon.access, root) is compared without a loop: each logger in
+        # its own expression, one tuple comparison each (several times cheaper).
+        self.first: logging.Logger = chain[0][0]
+        self.first_state: tuple[Any, ...] = (*chain[0][1], self.filters)
+        self.second: logging.Logger | None = None
+        self.second_state: tuple[Any, ...] = ()
+        if len(chain) > 1:
+            self.second, self.second_state = chain[1]
+        self.rest = tuple(chain[2:])
+        self.last_resort = not handlers  # no handler at all: logging.lastResort's turn
+        state_of: dict[int, tuple[int, Any, list[Any]]] = {}
+        others: list[tuple[logging.Handler, tuple[Any, ...]]] = []  # checked per line
+        for handler in handlers:
+            if getattr(handler, "write_json_line", None) is not None:
+                entry = (handler.level, handler.formatter, list(handler.filters))
+                state_of[id(handler)] = entry
+                if not isinstance(handler, _WatchedHandler):
+                    others.append((handler, entry))
+        self.others = tuple(others)
+        # Routes from the copies just taken, so a concurrent change is seen next time.
+        self.info = _plan_route(handlers, state_of, logging.INFO)
+        self.error = _plan_route(handlers, state_of, logging.ERROR)
+
+    def current(self) -> bool:
+        """Whether the logging tree still looks as it did when the plan was made."""
+        if self.changes != _logfiles.handler_changes:
+            return False
+        first = self.first
+        if (first.handlers, first.propagate, first.parent, first.filters) != self.first_state:
+            return False
+        second = self.second
+        if second is not None:
+            if (second.handlers, second.propagate, second.parent) != self.second_state:
+                return False
+            for logger, state in self.rest:
+                if (logger.handlers, logger.propagate, logger.parent) != state:
+                    return False
+        for handler, known in self.others:
+            if (handler.level, handler.formatter, handler.filters) != known:
+                return False
         return True
-    return all(type(f) is RequestContextFilter for f in filters)
+
+
+def _plan_route(
+    handlers: list[logging.Handler], state: dict[int, tuple[int, Any, list[Any]]], levelno: int
+) -> _Route:
+    route = _Route()
+    files: dict[str, list[LogFile]] = {}
+    for handler in handlers:
+        known = state.get(id(handler))
+        if known is None:  # takes no ready line: a LogRecord, its level checked per line
+            route.records.append(handler)
+            continue
+        level, fmt, filters = known
+        if levelno < level:
+            continue
+        # Exactly sfmon's formatter (a subclass may format differently) and no filter
+        # but the request-context one (the line carries the request's own values).
+        if type(fmt) is not JsonFormatter or any(
+            type(f) is not RequestContextFilter for f in filters
+        ):
+            route.records.append(handler)
+        elif type(handler) is DailyRotatingFileHandler:
+            files.setdefault(fmt.static_json + "}\n", []).append(handler.file)
+        else:
+            route.writers.append((handler.write_json_line, fmt.static_json + "}"))  # type: ignore[attr-defined]
+    route.files = tuple((tail, tuple(group)) for tail, group in files.items())
+    route.others = bool(route.writers or route.records)
+    return route
 
 
 class AccessLogSink:
@@ -101,6 +232,8 @@ class AccessLogSink:
     It goes to every handler the *logger* (default ``sfmon.access``) would use. sfmon's
     handlers with a :class:`~sfmon.logs.JsonFormatter` get the encoded line directly
     (no ``LogRecord``); other handlers get an ordinary record with the fields as extras.
+    Which handler gets what is worked out once and re-checked before every line, so
+    changes to the logging set-up apply from the next line.
     When the app raised, the exception is also logged at ERROR with its traceback and
     the request id on *error_logger* (default ``sfmon.errors``; ``None`` disables).
     The sink never raises; failures are counted (``log_write_failures()``).
@@ -133,9 +266,24 @@ class AccessLogSink:
         self.max_path_length = max_path_length
         self.max_value_length = max_value_length
         self.log_client_addr = log_client_addr
-        self._logger_js = _esc(self.logger.name)
-        self._routes: dict[str, str] = {}
-        self._ts: tuple[int, str] = (-1, "")
+        # JSON by route (as the path, as the route), and by client address.
+        self._routes: dict[str, tuple[str | None, str]] = {}
+        self._addrs: dict[str, str] = {}
+        self._ts: tuple[float, str] = (math.inf, "")  # (second, the line up to it)
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The logger whose handlers receive the access line."""
+        return self._logger
+
+    @logger.setter
+    def logger(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._plan: _Plan | None = None
+        # The line's fixed pieces, by status: after the timestamp up to request_id's
+        # value, and after route's value up to content_length's.
+        self._heads: dict[int, tuple[str, str]] = {}
+        self._logger_js = _esc(logger.name)
 
     def _path(self, path: Any) -> str:
         limit = self.max_path_length
@@ -199,46 +347,93 @@ class AccessLogSink:
                 out[key] = value
         return out
 
+    def _head(self, status: Any) -> tuple[str, str]:
+        status = int(status)
+        level = "ERROR" if status >= 500 else "INFO"
+        head = (
+            f',"level":"{level}","logger":{self._logger_js},'
+            f'"message":"Request completed: {status}","request_id":',
+            f',"status":{status},"content_length":',
+        )
+        if len(self._heads) < 1024:
+            self._heads[status] = head
+        return head
+
+    def _route(self, route: Any) -> tuple[str | None, str]:
+        js = _js(route, self.max_path_length)
+        if type(route) is not str:
+            return None, ',"route":' + js
+        # The route's JSON doubles as the path's when the path is the same ASCII text.
+        entry = (js if route.isascii() else None, ',"route":' + js)
+        if len(self._routes) < 2048:
+            self._routes[route] = entry  # route labels are a bounded set
+        return entry
+
+    def _addr(self, addr: Any) -> str:
+        if type(addr) is not str or len(addr) > 64:
+            return ',"client_addr":' + _js(addr, 64)
+        js = ',"client_addr":' + _esc(addr)
+        if len(self._addrs) < 256:  # one or a few proxies, usually; else no caching
+            self._addrs[addr] = js
+        return js
+
+    def _second(self, now: float) -> tuple[float, str]:
+        sec = math.floor(now)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        self._ts = ts = (float(sec), f'{{"timestamp":"{stamp}.')
+        return ts
+
     def _body(self, r: RequestRecord, now: float) -> str:
         # The document json.dumps(_fields()) gives, minus the closing brace, written out
         # by hand because encoding the dict costs twice as much: every string goes
         # through json's own C escaper (ASCII output; quotes, backslashes, control
         # characters and lone surrogates escaped), numbers are ints or finite floats.
-        # Odd values (non-str, too long, non-ASCII path) take the capped slow helpers.
-        status = r.status
-        if type(status) is not int:
-            status = int(status)
-        sec = int(now)
+        # Odd values (non-str, too long, non-ASCII path, negative or huge latency) take
+        # the capped slow helpers. Everything else is kept few operations: the fixed text
+        # (per second, status, method, route, client address) is cached or tabled, and
+        # the line is one f-string of few pieces; in a server each line runs with cold
+        # CPU caches, where every operation costs several times what it does in a loop.
+        try:
+            head = self._heads[r.status]
+        except (KeyError, TypeError):
+            head = self._head(r.status)
         ts = self._ts  # one tuple, so threads never pair a second with another's prefix
-        if ts[0] != sec:
-            ts = self._ts = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-        path = r.path
-        if type(path) is not str or len(path) > self.max_path_length or not path.isascii():
-            path = self._path(path)
+        frac = now - ts[0]  # exact; as format_timestamp: floor, then ms truncated
+        if not 0.0 <= frac < 1.0:
+            ts = self._second(now)
+            frac = now - ts[0]
         route = r.route
-        route_js = self._routes.get(route)
-        if route_js is None:
-            route_js = _js(route, self.max_path_length)
-            if len(self._routes) < 2048 and type(route) is str:
-                self._routes[route] = route_js  # route labels are a bounded set
-        method = r.method
-        method_js = _METHODS.get(method) if type(method) is str else None
+        try:
+            same_js, route_js = self._routes[route]
+        except (KeyError, TypeError):
+            same_js, route_js = self._route(route)
+        path = r.path
+        if same_js is not None and path == route and path.__class__ is str:
+            path_js = same_js  # same text, same (or no) cap
+        elif path.__class__ is not str or len(path) > self.max_path_length or not path.isascii():
+            path_js = _esc(self._path(path))
+        else:
+            path_js = _esc(path)
+        try:
+            method_js = _METHODS[r.method]
+        except (KeyError, TypeError):
+            method_js = f',"method":{_js(r.method, 32)},"path":'
         rid = r.request_id
-        user = r.user_id
-        latency = r.latency_ms
-        rid_js = _esc(rid) if type(rid) is str and len(rid) <= 128 else _js(rid, 128)
+        rid_js = _esc(rid) if rid.__class__ is str and len(rid) <= 128 else _js(rid, 128)
         length = r.content_length
-        if type(length) is not int:
+        if length.__class__ is not int:
             length = int(length)
-        # ".3f" parses back to exactly round(x, 3), at a third of the cost.
-        latency_js = (
-            f"{latency:.3f}"
-            if type(latency) is float and latency - latency == 0.0
-            else _num(latency)
-        )
+        latency = r.latency_ms
+        if latency.__class__ is float and 0.0 <= latency < 1e15:
+            n = int(latency * 1000 + 0.5)  # µs, as _number rounds
+            lat_int: Any = n // 1000
+            lat_frac = _FRAC[n % 1000]
+        else:
+            lat_int, lat_frac = _num(latency), ""
+        user = r.user_id
         if user is None:
             user_js = "null"
-        elif type(user) is str and len(user) <= self.max_value_length:
+        elif user.__class__ is str and len(user) <= self.max_value_length:
             user_js = _esc(user)
         else:
             user_js = _js(user, self.max_value_length)
@@ -247,31 +442,48 @@ class AccessLogSink:
         ttfb = r.ttfb_ms
         ttfb_js = ""
         if ttfb is not None:
-            if type(ttfb) is float and ttfb - ttfb == 0.0:
-                ttfb_js = f',"ttfb_ms":{ttfb:.3f}'
+            if ttfb.__class__ is float and 0.0 <= ttfb < 1e15:
+                n = int(ttfb * 1000 + 0.5)
+                ttfb_js = f',"ttfb_ms":{n // 1000}{_FRAC[n % 1000]}'
             elif _number(ttfb) is not None:
                 ttfb_js = ',"ttfb_ms":' + _num(ttfb)
         addr = r.client_addr
         addr_js = ""
         if addr and self.log_client_addr:
-            ok = type(addr) is str and len(addr) <= 64
-            addr_js = ',"client_addr":' + (_esc(addr) if ok else _js(addr, 64))
+            try:
+                addr_js = self._addrs[addr]
+            except (KeyError, TypeError):
+                addr_js = self._addr(addr)
         exc = r.exception
         exc_js = "" if exc is None else ',"exception":' + _js(exc, self.max_value_length)
-        # An f-string (one BUILD_STRING) costs three quarters of the same "%" template;
-        # status and content_length are exact ints here, so {x} is what %d gave.
+        # One f-string (one BUILD_STRING); length and lat_int are exact ints here.
         return (
-            f'{{"timestamp":"{ts[1]}.{int((now - sec) * 1000):03d}Z",'
-            f'"level":"{"ERROR" if status >= 500 else "INFO"}","logger":{self._logger_js},'
-            f'"message":"Request completed: {status}","request_id":{rid_js},'
-            f'"method":{method_js or _js(method, 32)},"path":{_esc(path)},"route":{route_js},'
-            f'"status":{status},"content_length":{length},"latency_ms":{latency_js},'
-            f'"user_id":{user_js}{trace_js}{ttfb_js}{addr_js}{exc_js}'
+            f"{ts[1]}{_MS[int(frac * 1000)]}{head[0]}{rid_js}{method_js}{path_js}{route_js}"
+            f'{head[1]}{length},"latency_ms":{lat_int}{lat_frac},"user_id":{user_js}'
+            f"{trace_js}{ttfb_js}{addr_js}{exc_js}"
         )
 
     def __call__(self, record: RequestRecord) -> None:
         try:
-            self._access_line(record)
+            # Logger.isEnabledFor, then Logger.callHandlers minus the LogRecord for the
+            # handlers that take a ready line; what goes where is planned in advance.
+            error = record.status >= 500
+            levelno = 40 if error else 20  # logging.ERROR, logging.INFO
+            logger = self._logger
+            if logger.isEnabledFor(levelno):
+                plan = self._plan
+                if plan is None or not plan.current():
+                    plan = self._plan = _Plan(logger)
+                now = time.time()
+                route = plan.error if error else plan.info
+                if route.files and not plan.filters:
+                    body = self._body(record, now)
+                    for tail, files in route.files:
+                        write_all(files, (body + tail).encode("utf-8", "backslashreplace"), now)
+                    if route.others:
+                        self._others(record, plan, route, levelno, now, body)
+                else:
+                    self._others(record, plan, route, levelno, now, None)
         except Exception as exc:  # never into the request
             record_write_failure("access-sink", exc)
         if record.exc_info is not None and self.error_logger is not None:
@@ -280,57 +492,33 @@ class AccessLogSink:
             except Exception as exc:
                 record_write_failure("access-sink", exc)
 
-    def _access_line(self, record: RequestRecord) -> None:
-        levelno = logging.ERROR if record.status >= 500 else logging.INFO
-        logger = self.logger
-        if not logger.isEnabledFor(levelno):
+    def _others(
+        self,
+        record: RequestRecord,
+        plan: _Plan,
+        route: _Route,
+        levelno: int,
+        now: float,
+        body: str | None,
+    ) -> None:
+        """Everything but sfmon's files: other line writers, LogRecords, lastResort."""
+        if plan.filters:  # logger-level filters need a real record and the full path
+            self._logger.handle(self._make_record(self.fields(record, now), levelno, now))
             return
-        now = time.time()
-        if logger.filters:  # logger-level filters need a real record and the full path
-            logger.handle(self._make_record(self.fields(record, now), levelno, now))
-            return
-        body: str | None = None
-        data: bytes | None = None  # the line as sfmon's file handlers write it
-        data_static: str | None = None
-        log_record: logging.LogRecord | None = None
-        found = 0
-        current: logging.Logger | None = logger
-        # Logger.callHandlers, minus the LogRecord for handlers that take a ready line.
-        while current is not None:
-            for handler in current.handlers:
-                found += 1
-                if levelno < handler.level:
-                    continue
-                fmt = handler.formatter
-                write = getattr(handler, "write_json_line", None)
-                filters = handler.filters
-                if (
-                    write is not None
-                    and isinstance(fmt, JsonFormatter)
-                    and (
-                        (len(filters) == 1 and type(filters[0]) is RequestContextFilter)
-                        or _plain_filters(handler)
-                    )
-                ):
-                    if body is None:
-                        body = self._body(record, now)
-                    static = fmt.static_json
-                    if type(handler) is DailyRotatingFileHandler:
-                        # What its write_json_line does, encoded once for all such files.
-                        if data is None or static is not data_static:
-                            data = (body + static + "}\n").encode("utf-8", "backslashreplace")
-                            data_static = static
-                        handler.file.write(data)
-                    else:
-                        write(body + static + "}")
-                else:
-                    if log_record is None:
-                        log_record = self._make_record(self.fields(record, now), levelno, now)
+        if route.writers:
+            if body is None:
+                body = self._body(record, now)
+            for write, tail in route.writers:
+                write(body + tail)
+        if route.records:
+            log_record = self._make_record(self.fields(record, now), levelno, now)
+            for handler in route.records:
+                if levelno >= handler.level:
                     handler.handle(log_record)
-            current = current.parent if current.propagate else None
-        last = logging.lastResort
-        if not found and last is not None and levelno >= last.level:
-            last.handle(self._make_record(self.fields(record, now), levelno, now))
+        elif plan.last_resort:
+            last = logging.lastResort
+            if last is not None and levelno >= last.level:
+                last.handle(self._make_record(self.fields(record, now), levelno, now))
 
     def _make_record(self, fields: dict[str, Any], levelno: int, now: float) -> logging.LogRecord:
         extra = {k: v for k, v in fields.items() if k not in _RECORD_OWN}

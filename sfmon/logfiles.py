@@ -27,6 +27,7 @@ __all__ = [
     "LogFile",
     "log_write_failures",
     "record_write_failure",
+    "write_all",
 ]
 
 _EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
@@ -178,9 +179,14 @@ class LogFile:
 
     # -- hot path ---------------------------------------------------------------------
 
-    def write(self, data: bytes) -> bool:
-        """Append *data* (one or more whole lines); return whether it was written."""
-        now = time.time()
+    def write(self, data: bytes, now: float | None = None) -> bool:
+        """Append *data* (one or more whole lines); return whether it was written.
+
+        *now* (default: the current time) decides whether maintenance is due; a caller
+        that has just read the clock passes its reading.
+        """
+        if now is None:
+            now = time.time()
         if now >= self._next_check:
             self._maintain(now)
         if not self._ok:
@@ -349,10 +355,85 @@ def _write_state(lock_fd: int, dev: int, ino: int, period: int) -> None:
     os.pwrite(lock_fd, f"{dev} {ino} {period}\n".encode(), 0)
 
 
-# -- logging handler ------------------------------------------------------------------
+def write_all(files: tuple[LogFile, ...], data: bytes, now: float) -> None:
+    """Append *data* to each of *files*, as :meth:`LogFile.write` at time *now* does.
+
+    One ``os.write`` per file, no clock read, no lock and no method call while no
+    maintenance is due (the access-log fast path: one call for ``app.log`` and
+    ``access.log``). Never raises; failures are counted.
+
+    .. code-block:: python
+
+        write_all((app_log, access_log), b'{"message": "hello"}\n', time.time())
+    """
+    for f in files:
+        if now < f._next_check and f._ok:
+            try:
+                n = os.write(f._fd, data)
+                if n < len(data):  # as in LogFile.write
+                    os.write(f._fd, data[n:])
+            except OSError as exc:
+                record_write_failure(f.destination, exc, f.path)
+        else:
+            f.write(data, now)
 
 
-class DailyRotatingFileHandler(logging.Handler):
+# -- logging handlers -----------------------------------------------------------------
+
+# Bumped whenever the level, formatter or filters of one of sfmon's handlers change, so
+# the access-log sink's plan (which handlers take its ready-made line) needs no check of
+# every handler before every line. Only ever increases.
+handler_changes = 0
+
+
+def _handler_changed() -> None:
+    global handler_changes
+    handler_changes += 1
+
+
+class _Filters(list[Any]):
+    """A handler's filter list that counts changes made in place (``append``, ``[:] =``)."""
+
+    __slots__ = ()
+
+
+def _counting(name: str) -> Any:
+    method = getattr(list, name)
+
+    def counting(self: _Filters, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _handler_changed()
+
+    counting.__name__ = name
+    return counting
+
+
+for _name in (
+    *("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse"),
+    *("__setitem__", "__delitem__", "__iadd__", "__imul__"),
+):
+    setattr(_Filters, _name, _counting(_name))
+
+
+class _WatchedHandler(logging.Handler):
+    """A handler whose changes of level, formatter or filters are counted.
+
+    Any such change, through ``setLevel``/``setFormatter``/``addFilter`` or by
+    assigning or editing the attributes, bumps ``handler_changes``; the access-log sink
+    then works out its plan again before the next line. sfmon's handlers derive from it.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "filters" and type(value) is not _Filters:
+            value = _Filters(value)
+        super().__setattr__(name, value)
+        if name in ("level", "formatter", "filters"):
+            _handler_changed()
+
+
+class DailyRotatingFileHandler(_WatchedHandler):
     """A :mod:`logging` handler writing to a :class:`LogFile`: safe for many processes.
 
     Options are those of :class:`LogFile`. Unlike ``TimedRotatingFileHandler`` it may be

@@ -8,6 +8,7 @@ line through the same handlers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -17,7 +18,12 @@ from typing import Any
 from pythonjsonlogger.json import JsonEncoder
 from pythonjsonlogger.json import JsonFormatter as _PjlJsonFormatter
 
-from .logfiles import DailyRotatingFileHandler, log_write_failures, record_write_failure
+from .logfiles import (
+    DailyRotatingFileHandler,
+    _WatchedHandler,
+    log_write_failures,
+    record_write_failure,
+)
 from .request_id import current_request_id, current_trace_id, current_user_id
 
 __all__ = [
@@ -54,8 +60,8 @@ def format_timestamp(t: float) -> str:
         format_timestamp(0.5)  # '1970-01-01T00:00:00.500Z'
     """
     global _ts_cache
-    sec = int(t)
-    ms = int((t - sec) * 1000)
+    sec = math.floor(t)
+    ms = int((t - sec) * 1000)  # truncated, as the access-log sink does
     cached_sec, prefix = _ts_cache
     if sec != cached_sec:  # strftime once per second, not once per line
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
@@ -177,7 +183,7 @@ class JsonFormatter(_PjlJsonFormatter):
         return self._encoder.encode(log_data)
 
 
-class JsonStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class JsonStreamHandler(_WatchedHandler, logging.StreamHandler):  # type: ignore[type-arg]
     """A ``StreamHandler`` (stdout by default) whose write failures are counted, not raised.
 
     A failure (closed pipe, full disk behind a redirect) is reported once on stderr and

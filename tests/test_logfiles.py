@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from sfmon import logfailures
-from sfmon.logfiles import LogFile, _Periods
+from sfmon.logfiles import LogFile, _Periods, write_all
 
 ROOT = Path(__file__).resolve().parent.parent
 FORK = multiprocessing.get_context("fork")
@@ -266,6 +266,64 @@ def test_processes_unpaced_with_many_rotations(tmp_path: Path, inherit: bool) ->
 
     assert (result["lost"], result["dup"], result["torn"]) == (0, 0, 0)
     assert len(result["files"]) >= 5
+
+
+def _pair_writer(directory: str, lines: int, interval: float, start: Any) -> None:
+    files = tuple(
+        LogFile(f"{directory}/{name}", rotate_interval_seconds=interval)
+        for name in ("app.log", "access.log")
+    )
+    pid = os.getpid()
+    start.wait()
+    for i in range(lines):
+        write_all(files, b'{"proc":%d,"seq":%d,"pad":"%s"}\n' % (pid, i, b"x" * 150), time.time())
+        if i % 25 == 24:
+            time.sleep(0.002)  # over several rotation periods
+    for f in files:
+        f.close()
+
+
+def test_write_all_processes_rotating_lose_nothing(tmp_path: Path) -> None:
+    """The access-log fast path (one line to app.log and access.log per call, the
+    caller's clock) keeps every guarantee of LogFile.write across rotations."""
+    start = FORK.Event()
+    workers = [
+        FORK.Process(target=_pair_writer, args=(str(tmp_path), 6000, 0.05, start))
+        for _ in range(3)
+    ]
+    for w in workers:
+        w.start()
+    start.set()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+
+    for name in ("app.log", "access.log"):
+        result = check(tmp_path, name, {int(w.pid or 0): 6000 for w in workers})
+        assert (result["lost"], result["dup"], result["torn"]) == (0, 0, 0), name
+        assert len(archives(tmp_path, name)) >= 2, name  # it did rotate
+    assert logfailures.log_write_failures() == {}
+
+
+def test_write_all_counts_failures_per_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = LogFile(tmp_path / "good.log")
+    bad = LogFile(tmp_path / "bad.log", check_interval=60)
+    closed = LogFile(tmp_path / "closed.log")
+    closed.close()
+    read_only = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(read_only, bad._fd)  # writes now fail with EBADF
+    os.close(read_only)
+
+    for _ in range(3):
+        write_all((bad, closed, good), b"line\n", time.time())
+    bad.close()
+    good.close()
+
+    assert (tmp_path / "good.log").read_bytes() == b"line\n" * 3
+    assert logfailures.log_write_failures() == {"bad.log": 3}  # a closed file is silent
+    assert capsys.readouterr().err.count("cannot write log destination 'bad.log'") == 1
 
 
 # -- failing destinations -------------------------------------------------------------

@@ -376,6 +376,266 @@ def test_access_sink_honours_logger_filters(tmp_path: Path) -> None:
     assert [x["status"] for x in read_lines(path)] == [200]
 
 
+def test_access_numbers_and_timestamp_match_the_record_path() -> None:
+    """The hand-built line and the LogRecord path round latencies and times alike."""
+    sink = AccessLogSink(logging.getLogger("t.access"), error_logger=None)
+    record = make_record(ttfb_ms=0.0)
+    values = [0.0, 0.0005, 1.0005, 2.5e-4, 45.3, 999.9995, 1e14, 9.99e14, 1e15, 1e300]
+    values += [i / 7919 for i in range(0, 100_000, 37)] + [-1.5, -0.0]
+    for x in values:
+        record.latency_ms = record.ttfb_ms = x
+        line = json.loads(sink.line(record, 1.0))
+        fields = json.loads(json.dumps(sink.fields(record, 1.0)))
+        assert (line["latency_ms"], line["ttfb_ms"]) == (fields["latency_ms"], fields["ttfb_ms"])
+        assert abs(line["latency_ms"] - x) <= 0.0005 * max(1.0, abs(x) / 1e3)
+    for now in [0.5, 1772015445.1239, 1772015446.0, 1772015446.9999, -0.5]:
+        assert json.loads(sink.line(record, now))["timestamp"] == format_timestamp(now)
+    assert format_timestamp(-0.5) == "1969-12-31T23:59:59.500Z"
+
+
+def test_access_line_is_one_write_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_logging(log_file=str(tmp_path / "app.log"), stdout=False)
+    sink = AccessLogSink(error_logger=None)
+    sink(make_record())  # files opened, plan made
+    writes: list[tuple[int, bytes]] = []
+    real_write = os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        writes.append((fd, bytes(data)))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    sink(make_record(status=404))
+    sink(make_record(status=503))  # errors.log too
+
+    assert [len(set(fd for fd, _ in writes[:2])), len(writes)] == [2, 5]
+    assert all(data.count(b"\n") == 1 and data.endswith(b"}\n") for _, data in writes)
+    assert len(read_lines(tmp_path / "access.log")) == len(read_lines(tmp_path / "app.log")) == 3
+    assert [x["status"] for x in read_lines(tmp_path / "errors.log")] == [503]
+
+
+# -- the access sink follows changes of the logging set-up ------------------------------
+
+
+def test_access_sink_follows_handlers_added_and_removed(tmp_path: Path) -> None:
+    sink, path = sink_to_file(tmp_path)
+    sink(make_record(status=201))
+    second = DailyRotatingFileHandler(tmp_path / "second.log")
+    second.setFormatter(JsonFormatter())
+    text = io.StringIO()
+    foreign = logging.StreamHandler(text)
+    foreign.setFormatter(JsonFormatter())
+    sink.logger.addHandler(second)
+    sink.logger.handlers.append(foreign)  # in place, not through addHandler
+
+    sink(make_record(status=202))
+    sink.logger.removeHandler(second)
+    sink.logger.handlers.remove(foreign)
+    sink(make_record(status=203))
+
+    assert [x["status"] for x in read_lines(path)] == [201, 202, 203]
+    assert [x["status"] for x in read_lines(tmp_path / "second.log")] == [202]
+    assert [json.loads(x)["status"] for x in text.getvalue().splitlines()] == [202]
+    second.close()
+
+
+def test_access_sink_follows_handlers_of_ancestors(tmp_path: Path) -> None:
+    """Handlers added to the parent and to the root (the 2nd and 3rd loggers visited)."""
+    sink, path = sink_to_file(tmp_path)  # "t.access", not propagating
+    sink.logger.propagate = True
+    parent, root = logging.getLogger("t"), logging.getLogger()
+    parent.propagate = True
+    texts = [io.StringIO(), io.StringIO()]
+    handlers = [logging.StreamHandler(t) for t in texts]  # made before the first line
+    for h in handlers:
+        h.setFormatter(JsonFormatter())
+    sink(make_record(status=201))
+    parent.addHandler(handlers[0])
+    sink(make_record(status=202))
+    root.addHandler(handlers[1])
+    try:
+        sink(make_record(status=203))
+    finally:
+        root.removeHandler(handlers[1])
+    parent.propagate = False
+    sink(make_record(status=204))
+
+    assert [x["status"] for x in read_lines(path)] == [201, 202, 203, 204]
+    got = [[json.loads(x)["status"] for x in t.getvalue().splitlines()] for t in texts]
+    assert got == [[202, 203, 204], [203]]
+
+
+def test_access_sink_follows_handler_level_formatter_and_filters(tmp_path: Path) -> None:
+    sink, path = sink_to_file(tmp_path)
+    (handler,) = sink.logger.handlers
+    sink(make_record(status=200))
+    handler.setLevel(logging.ERROR)
+    sink(make_record(status=201))  # below the handler's level
+    sink(make_record(status=500))
+    handler.level = logging.NOTSET  # assigned, not through setLevel
+    sink(make_record(status=202))
+    handler.setFormatter(JsonFormatter(static_fields={"service": "api"}))
+    sink(make_record(status=203))
+    handler.addFilter(lambda r: r.status != 204)  # type: ignore[attr-defined]
+    sink(make_record(status=204))
+    sink(make_record(status=205))
+    handler.filters.clear()  # in place, not through removeFilter
+    sink(make_record(status=206))
+    handler.setFormatter(logging.Formatter("%(message)s %(status)s"))
+    sink(make_record(status=207))
+
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["status"] for x in lines[:-1]] == [200, 500, 202, 203, 205, 206]
+    assert [json.loads(x).get("service") for x in lines[:-1]] == [None] * 3 + ["api"] * 3
+    assert lines[-1] == "Request completed: 207 207"
+
+
+def test_access_sink_follows_in_place_edits_of_handler_filters(tmp_path: Path) -> None:
+    sink, path = sink_to_file(tmp_path)
+    (handler,) = sink.logger.handlers
+    drop = logging.Filter("nothing")  # passes no record of "t.access"
+    edits = [
+        lambda: handler.filters.append(drop),
+        lambda: handler.filters.remove(drop),
+        lambda: handler.filters.insert(0, drop),
+        lambda: handler.filters.__delitem__(0),
+        lambda: handler.filters.extend([drop]),
+        lambda: handler.filters.pop(),
+        lambda: handler.filters.__iadd__([drop]),
+        lambda: handler.filters.__setitem__(slice(None), []),
+        lambda: setattr(handler, "filters", [drop]),
+        lambda: handler.filters.clear(),
+    ]
+    for status, edit in enumerate(edits, 200):
+        edit()
+        sink(make_record(status=status))
+
+    assert [x["status"] for x in read_lines(path)] == [201, 203, 205, 207, 209]
+
+
+class LineCollector(logging.Handler):
+    """A handler of another package that takes ready lines (not one of sfmon's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def write_json_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_access_sink_follows_changes_of_other_line_handlers(tmp_path: Path) -> None:
+    logger = logging.getLogger("t.access")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = LineCollector()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    sink = AccessLogSink(logger, error_logger=None)
+    sink(make_record(status=200))
+    handler.level = logging.ERROR
+    sink(make_record(status=201))
+    handler.level = logging.NOTSET
+    handler.filters.append(lambda r: True)  # type: ignore[arg-type]
+    sink(make_record(status=202))  # through a LogRecord now
+    handler.formatter = logging.Formatter("%(message)s")
+    sink(make_record(status=203))
+
+    assert [json.loads(x)["status"] for x in handler.lines[:2]] == [200, 202]
+    assert handler.lines[2:] == ["Request completed: 203"]
+
+
+def test_access_sink_follows_propagation_parents_and_disable(tmp_path: Path) -> None:
+    parent, parent_path = file_logger(tmp_path, "t")
+    child = logging.getLogger("t.x.access")  # "t.x" is only a placeholder so far
+    child.setLevel(logging.INFO)
+    child.propagate = False
+    sink = AccessLogSink(child, error_logger=None)
+    mid_path = tmp_path / "mid.log"
+    mid = DailyRotatingFileHandler(mid_path)
+    mid.setFormatter(JsonFormatter())
+    try:
+        sink(make_record(status=201))  # nowhere: no handler, lastResort at WARNING
+        child.propagate = True
+        sink(make_record(status=202))
+        middle = logging.getLogger("t.x")  # now a logger between child and parent
+        middle.addHandler(mid)
+        sink(make_record(status=203))
+        logging.disable(logging.INFO)
+        sink(make_record(status=204))
+        logging.disable(logging.NOTSET)
+        parent.setLevel(logging.ERROR)  # the child's level (INFO) still decides
+        sink(make_record(status=205))
+        child.setLevel(logging.NOTSET)  # now the parent's does
+        sink(make_record(status=206))
+        sink(make_record(status=507))
+    finally:
+        logging.disable(logging.NOTSET)
+        middle.removeHandler(mid)
+        mid.close()
+        child.setLevel(logging.NOTSET)
+        child.propagate = True
+
+    assert [x["status"] for x in read_lines(parent_path)] == [202, 203, 205, 507]
+    assert [x["status"] for x in read_lines(mid_path)] == [203, 205, 507]
+
+
+def test_access_sink_follows_logger_filters_and_reassignment(tmp_path: Path) -> None:
+    sink, path = sink_to_file(tmp_path)
+    other, other_path = file_logger(tmp_path, "t.app")
+    sink(make_record(status=201))
+    sink.logger.filters.append(lambda r: r.status != 202)  # in place
+    sink(make_record(status=202))
+    sink(make_record(status=203))
+    sink.logger.filters.clear()
+    sink.logger = other
+    sink(make_record(status=204))
+
+    assert [x["status"] for x in read_lines(path)] == [201, 203]
+    assert [(x["status"], x["logger"]) for x in read_lines(other_path)] == [(204, "t.app")]
+
+
+def test_access_sink_follows_dict_config(tmp_path: Path) -> None:
+    import logging.config
+
+    configure_logging(log_file=str(tmp_path / "app.log"), stdout=False)
+    sink = AccessLogSink(error_logger=None)
+    sink(make_record(status=201))
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "incremental": False,
+            "disable_existing_loggers": False,
+            "formatters": {"json": {"()": "sfmon.logs.JsonFormatter"}},
+            "handlers": {
+                "file": {
+                    "class": "sfmon.logfiles.DailyRotatingFileHandler",
+                    "path": str(tmp_path / "new.log"),
+                    "formatter": "json",
+                }
+            },
+            "root": {"handlers": ["file"], "level": "INFO"},
+        }
+    )
+    try:
+        sink(make_record(status=202))
+    finally:
+        for h in logging.getLogger().handlers[:]:
+            if isinstance(h, DailyRotatingFileHandler) and h.file.path.endswith("new.log"):
+                logging.getLogger().removeHandler(h)
+                h.close()
+
+    assert [x["status"] for x in read_lines(tmp_path / "new.log")] == [202]
+    # dictConfig closed every existing handler (access.log's too, though still attached).
+    assert [x["status"] for x in read_lines(tmp_path / "app.log")] == [201]
+    assert [x["status"] for x in read_lines(tmp_path / "access.log")] == [201]
+
+
 # -- configure_logging: destinations, errors, secrets ----------------------------------
 
 
