@@ -38,7 +38,7 @@ static PyObject *g_other_method;  /* routes.OTHER_METHOD */
 static PyObject *g_record_type;   /* record.RequestRecord */
 static PyObject *g_sink_failed;   /* _sink_failed(sink, exc): report once */
 
-static PyObject *s_writer, *s_check_at, *s_q, *s_blocks, *s_block_slot, *s_slots, *s_call_py,
+static PyObject *s_writer, *s_check_at, *s_q, *s_blocks, *s_slots, *s_call_py,
     *s_close, *s_write, *k_monitor, *k_request_id, *k_path_info, *k_multithread,
     *k_traceparent, *k_route, *k_method, *s_empty, *k_user_id, *k_remote_user, *k_script_name,
     *k_remote_addr;
@@ -201,7 +201,7 @@ typedef struct {
     PyObject *cache;
     PyObject *sinks;
     Py_ssize_t inprog_slot;
-    int fast;
+    char fast; /* T_BOOL: one byte */
     /* the latency histogram, set by _set_histogram() */
     double *bounds;
     Py_ssize_t nbounds;
@@ -372,16 +372,19 @@ done:
     return rc;
 }
 
-/* Report (once, in Python) and drop the current error: metrics never fail a request. */
+/* Hand the current error to a Python reporter, fn(exc) or fn(first, exc), and drop it:
+ * metrics and sinks never fail a request. */
 static void
-store_failed(void)
+report_error(PyObject *fn, PyObject *first)
 {
     PyObject *t, *v, *tb;
     PyErr_Fetch(&t, &v, &tb);
     PyErr_NormalizeException(&t, &v, &tb);
-    PyObject *r = PyObject_CallOneArg(g_store_failure, v ? v : Py_None);
+    PyObject *exc = v ? v : Py_None;
+    PyObject *r = first ? PyObject_CallFunctionObjArgs(fn, first, exc, NULL)
+                        : PyObject_CallOneArg(fn, exc);
     if (r == NULL)
-        PyErr_WriteUnraisable(g_store_failure);
+        PyErr_WriteUnraisable(fn);
     Py_XDECREF(r);
     Py_XDECREF(t);
     Py_XDECREF(v);
@@ -504,7 +507,7 @@ monitor_call(MonitorBase *self, PyObject *args, PyObject *kwds)
         PyBuffer_Release(&view);
     }
     else
-        store_failed();
+        report_error(g_store_failure, NULL);
     Py_XDECREF(q);
     PyObject *cargs[2] = {environ, (PyObject *)call};
     PyObject *body = PyObject_Vectorcall(self->app, cargs, 2, NULL);
@@ -1053,7 +1056,7 @@ wall_clock(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* middleware._to_sinks for the fast case: build the record, call each sink. Returns -1
+/* middleware._sinks for the fast case: build the record, call each sink. Returns -1
  * with an error set only for a BaseException that is not an Exception (as Python's
  * "except Exception" lets through); returns 1 when the case is not plain (Python does it). */
 static int
@@ -1129,16 +1132,7 @@ to_sinks(Call *self, PyObject *sinks, PyObject *method, PyObject *label, PyObjec
                 rc = -1;
                 break;
             }
-            PyObject *t, *e, *tb;
-            PyErr_Fetch(&t, &e, &tb);
-            PyErr_NormalizeException(&t, &e, &tb);
-            PyObject *rr = PyObject_CallFunctionObjArgs(g_sink_failed, sink, e ? e : Py_None, NULL);
-            if (rr == NULL)
-                PyErr_Clear();
-            Py_XDECREF(rr);
-            Py_XDECREF(t);
-            Py_XDECREF(e);
-            Py_XDECREF(tb);
+            report_error(g_sink_failed, sink);
         }
         Py_XDECREF(r);
         Py_DECREF(sink);
@@ -1151,16 +1145,7 @@ done:
         rc = 1; /* a conversion failed without an error: let Python do it */
     if (rc == -1 && PyErr_ExceptionMatches(PyExc_Exception)) {
         /* building the record failed: report like a failing sink, never raise */
-        PyObject *t, *e, *tb;
-        PyErr_Fetch(&t, &e, &tb);
-        PyErr_NormalizeException(&t, &e, &tb);
-        PyObject *rr = PyObject_CallFunctionObjArgs(g_sink_failed, sinks, e ? e : Py_None, NULL);
-        if (rr == NULL)
-            PyErr_Clear();
-        Py_XDECREF(rr);
-        Py_XDECREF(t);
-        Py_XDECREF(e);
-        Py_XDECREF(tb);
+        report_error(g_sink_failed, sinks);
         rc = 0;
     }
     return rc;
@@ -1200,7 +1185,7 @@ finish(Call *self)
     PyObject *label = known == 1 ? method : g_other_method;
     PyErr_Clear();
     if (record(m, self->writer, label, route, self->status, latency_ms) < 0)
-        store_failed();
+        report_error(g_store_failure, NULL);
     PyObject *t = NULL, *e = NULL, *tb = NULL; /* a BaseException from a sink, re-raised */
     if (m->sinks != NULL && PyList_CheckExact(m->sinks) && PyList_GET_SIZE(m->sinks) > 0) {
         int done = to_sinks(self, m->sinks, method, label, route, latency_ms);
@@ -1414,7 +1399,6 @@ PyInit__speedups(void)
         {&s_check_at, "check_at"},
         {&s_q, "q"},
         {&s_blocks, "blocks"},
-        {&s_block_slot, "block_slot"},
         {&s_slots, "_slots"},
         {&s_call_py, "_call_py"},
         {&s_close, "close"},

@@ -505,12 +505,18 @@ def _sinks(
 ) -> None:
     """Hand the finished *call* to every sink; a failing sink is reported, never raised."""
     try:
-        _to_sinks(call, method, method_label, route, status, latency_ms, exc_name)
+        record = _record(call, method, method_label, route, status, latency_ms, exc_name)
     except Exception as exc:  # never into the server, whatever the app left in environ
         _sink_failed(call.monitor.sinks, exc)
+        return
+    for sink in call.monitor.sinks:
+        try:
+            sink(record)
+        except Exception as exc:
+            _sink_failed(sink, exc)
 
 
-def _to_sinks(
+def _record(
     call: _PyCall,
     method: str,
     method_label: str,
@@ -518,7 +524,7 @@ def _to_sinks(
     status: int,
     latency_ms: float,
     exc_name: str | None,
-) -> None:
+) -> RequestRecord:
     environ = call.environ
     user = environ.get("sfmon.user_id") or environ.get("REMOTE_USER")
     script = environ.get("SCRIPT_NAME", "")
@@ -530,7 +536,7 @@ def _to_sinks(
     # Order: request_id, trace_id, method, method_label, path, route, status,
     # content_length, latency_ms, ttfb_ms, started_at, user_id, client_addr,
     # exception, exc_info.
-    record = RequestRecord(
+    return RequestRecord(
         call.request_id,
         call.trace_id,
         method,
@@ -547,11 +553,6 @@ def _to_sinks(
         exc_name,
         call.error,  # type: ignore[arg-type]
     )
-    for sink in call.monitor.sinks:
-        try:
-            sink(record)
-        except Exception as exc:
-            _sink_failed(sink, exc)
 
 
 _STATUS_CODES: dict[str, int] = {}

@@ -9,6 +9,25 @@ from ._accel import speedups
 
 __all__ = ["RequestRecord", "Sink"]
 
+#: The field names, in constructor order.
+FIELDS = (
+    "request_id",
+    "trace_id",
+    "method",
+    "method_label",
+    "path",
+    "route",
+    "status",
+    "content_length",
+    "latency_ms",
+    "ttfb_ms",
+    "started_at",
+    "user_id",
+    "client_addr",
+    "exception",
+    "exc_info",
+)
+
 
 class RequestRecord:
     """What a sink learns about one finished request.
@@ -40,23 +59,7 @@ class RequestRecord:
                 print(record.request_id, record.route)
     """
 
-    __slots__ = (
-        "client_addr",
-        "content_length",
-        "exc_info",
-        "exception",
-        "latency_ms",
-        "method",
-        "method_label",
-        "path",
-        "request_id",
-        "route",
-        "started_at",
-        "status",
-        "trace_id",
-        "ttfb_ms",
-        "user_id",
-    )
+    __slots__ = FIELDS
 
     def __init__(
         self,
@@ -98,25 +101,6 @@ class RequestRecord:
             f"{self.latency_ms:.3f}ms id={self.request_id})"
         )
 
-
-#: The field names, in constructor order.
-FIELDS = (
-    "request_id",
-    "trace_id",
-    "method",
-    "method_label",
-    "path",
-    "route",
-    "status",
-    "content_length",
-    "latency_ms",
-    "ttfb_ms",
-    "started_at",
-    "user_id",
-    "client_addr",
-    "exception",
-    "exc_info",
-)
 
 #: The pure-Python class (what ``RequestRecord`` is without the C speedups).
 PyRequestRecord = RequestRecord
