@@ -54,7 +54,7 @@ def _new_generator() -> Iterator[str]:
     return map(template.__mod__, itertools.count(int.from_bytes(os.urandom(4), "big")))
 
 
-_ids = _new_generator()
+_ids: Iterator[str]  # the pure-Python generator, made by _after_fork() when there is no C
 
 
 def _after_fork() -> None:
